@@ -21,6 +21,7 @@ class TeacherSpec:
     """Which image model makes the targets, and which of its outputs is the embedding.
 
     model: a Hugging Face hub id ("openai/clip-vit-base-patch16") or a local folder.
+    precision is part of the KEY: bf16 targets are not fp32 targets.
     output: "auto" picks the family's image embedding (see feature_store.teacher); or one of
         "image_embeds", "pooler", "cls", "cls+mean_patch".
     patch_grid: when > 0, also keep the patch tokens pooled to a patch_grid x patch_grid grid per frame.
@@ -31,6 +32,7 @@ class TeacherSpec:
     output: str = "auto"
     patch_grid: int = 0
     trust_remote_code: bool = False
+    precision: str = "fp32"  # compute precision of the teacher: "fp32" | "bf16" | "fp16" (changes targets)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,288 @@
+"""The extraction job: videos → (Ray Data) decode → teacher actor pool → shards → commits to the store.
+
+The driver plans (what to compute, reuse, skip), streams the pipeline's small per-shard results back,
+and commits them to the KEY every few shards or seconds, so a killed run loses at most the shards
+since its last commit and a rerun finishes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from feature_store.spec import FeatureSpec, SamplingSpec, StorageSpec, TeacherSpec
+from feature_store.store import CommitBatch, FeatureStore, Fidelity, ShardRecord, TargetStats, new_run_id, table_rows
+from pipeline.plan import Plan, VideoInput, known_hashes, make_plan
+from pipeline.sources import VideoRef, hash_video, list_videos, stat_video
+from pipeline.stages import DecodeStage, TeacherStage, failure_record, write_shard_batch
+
+
+HASH_ON_CLUSTER_ABOVE = 256  # files to hash before it is worth a distributed job
+
+
+@dataclass
+class ExtractConfig:
+    videos: str
+    store: str
+    teacher: TeacherSpec
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    storage: StorageSpec = field(default_factory=StorageSpec)
+    size: int | None = None
+    max_failure_fraction: float = 0.5
+    max_attempts: int = 3
+    decode_timeout: float = 300.0
+    batch_size: int = 64
+    teacher_actors: int | None = None
+    decode_concurrency: int | None = None
+    samples_per_shard: int = 64
+    device: str = "auto"
+    dry_run: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+    commit_every_shards: int = 8
+    commit_every_s: float = 30.0
+
+
+def resolve_feature_spec(cfg: ExtractConfig) -> FeatureSpec:
+    """Everything that defines the KEY. Reads the teacher's config and weights (to fingerprint them)."""
+    from feature_store.teacher import describe_teacher
+
+    info = describe_teacher(cfg.teacher, size=cfg.size)
+    return FeatureSpec(teacher=cfg.teacher, teacher_fingerprint=info.fingerprint, teacher_class=info.model_class,
+                       embed_dim=info.embed_dim, output_used=info.output_used, preprocess=info.preprocess,
+                       sampling=cfg.sampling, storage=cfg.storage)
+
+
+def identify_videos(refs: list[VideoRef], index_rows: list[dict[str, Any]], storage_options: dict[str, Any],
+                    connect: Callable[[], None]) -> list[VideoInput]:
+    """Content hash per video; unchanged files (same source, size, mtime/ETag as stored) are not re-read.
+
+    A few files are hashed here in threads; many are hashed across the cluster (I/O bound: a fraction of a
+    CPU per task), which is where they are on a large corpus in object storage.
+    """
+    known = known_hashes(index_rows)
+    inputs: list[VideoInput] = []
+    to_hash: list[dict[str, Any]] = []
+    for i, r in enumerate(refs):
+        st = stat_video(r.source, storage_options)
+        v = VideoInput(r.source, r.video_id, dict(r.labels), size=st.size, mtime=st.mtime, error=st.error)
+        if not st.error:
+            v.sha256 = known.get((r.source, st.size, st.mtime), "")
+            if not v.sha256:
+                to_hash.append({"i": i, "source": r.source})
+        inputs.append(v)
+
+    def _hash(row: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return {"i": row["i"], "sha256": hash_video(row["source"], storage_options), "error": ""}
+        except OSError as e:
+            return {"i": row["i"], "sha256": "", "error": f"unreadable: {e}"}
+
+    if len(to_hash) > HASH_ON_CLUSTER_ABOVE:
+        import ray
+
+        connect()
+        hashed = ray.data.from_items(to_hash).map(_hash, num_cpus=0.25).take_all()
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            hashed = list(pool.map(_hash, to_hash))
+    for h in hashed:
+        inputs[h["i"]].sha256, inputs[h["i"]].error = h["sha256"], h["error"]
+    return inputs
+
+
+def _cluster_resources() -> tuple[float, float]:
+    import ray
+
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 1)), float(res.get("GPU", 0))
+
+
+class Progress:
+    """One line on stderr: videos done/failed of total, frames/s, shards; quiet when disabled."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled and total > 0
+        self.done = self.failed = self.frames = self.shards = 0
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="video", desc="extract", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, done: int = 0, failed: int = 0, frames: int = 0, shards: int = 0) -> None:
+        self.done, self.failed = self.done + done, self.failed + failed
+        self.frames, self.shards = self.frames + frames, self.shards + shards
+        if self.bar is not None:
+            rate = self.frames / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"failed={self.failed} frames/s={rate:.1f} shards={self.shards}")
+            self.bar.update(done + failed)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Run (or dry-run) an extraction. `connect()` is called before the first use of Ray (to join or start a
+    cluster); a run with nothing to compute never starts one."""
+    t_start = time.perf_counter()
+    store = FeatureStore(cfg.store, cfg.storage_options)
+    spec = resolve_feature_spec(cfg)
+    key = spec.key
+    refs = list_videos(cfg.videos, cfg.storage_options)
+    snapshot = store.open(key) if key in store.keys() else None
+    index_rows = table_rows(snapshot.index) if snapshot else []
+    failure_rows = table_rows(snapshot.failures) if snapshot else []
+    inputs = identify_videos(refs, index_rows, cfg.storage_options, connect)
+    plan = make_plan(inputs, index_rows, failure_rows, max_attempts=cfg.max_attempts,
+                     segment_frames=cfg.sampling.segment_frames)
+    base = {"store": cfg.store, "key": key, "teacher": cfg.teacher.model, "videos_total": len(refs)}
+    if cfg.dry_run:
+        return {**base, "dry_run": True, **plan.summary(),
+                "compute": [w.source for w in plan.compute],
+                "quarantined": [{"source": v.source, "why": why} for v, why in plan.quarantined],
+                "unreadable": [{"source": v.source, "why": v.error} for v in plan.unreadable]}
+
+    store.ensure_key(spec)
+    run_id = new_run_id()
+    store.heartbeat(key, run_id)
+    pending = CommitBatch(run_id=run_id, metadata_updates=plan.metadata_updates)
+    for v in plan.unreadable:
+        pending.failures.append(json.loads(failure_record(sha256="", source=v.source, stage="read",
+                                                          error=v.error.split(":")[0], message=v.error)))
+    counters: Counter = Counter()
+    failures_by_reason: Counter = Counter(f["error"] for f in pending.failures)
+    timing: Counter = Counter()
+    expected = {w.sha256: None for w in plan.compute}  # segments still to come, filled from the first row
+    got: dict[str, int] = defaultdict(int)
+    have = {w.sha256: len(w.have_segments) for w in plan.compute}
+    progress = Progress(len(plan.compute), cfg.progress)
+    last_commit = time.perf_counter()
+    snap = snapshot
+
+    def commit(final: bool = False) -> None:
+        nonlocal pending, last_commit, snap
+        if not pending.empty():
+            snap = store.commit(key, pending)
+        pending = CommitBatch(run_id=run_id)
+        last_commit = time.perf_counter()
+
+    if plan.compute:
+        connect()
+        ds = build_dataset(cfg, spec, store, key, run_id, plan)
+        for row in ds.iter_rows():
+            p = json.loads(row["payload"])
+            if "failure" in p:
+                f = p["failure"]
+                pending.failures.append(f)
+                failures_by_reason[f["error"]] += 1
+                counters["videos_failed"] += 1
+                expected.pop(f["video_sha256"], None)
+                progress.update(failed=1)
+            else:
+                rec = ShardRecord(**p["shard"])
+                pending.shards.append(rec)
+                pending.rows.extend(p["rows"])
+                pending.stats = pending.stats.merge(TargetStats(**p["stats"]))
+                pending.fidelity = pending.fidelity.merge(Fidelity(**p["fidelity"]))
+                timing.update(p["timing"])
+                counters["samples_written"] += rec.count
+                counters["bytes_written"] += rec.bytes
+                counters["shards_written"] += 1
+                frames = rec.count * cfg.sampling.segment_frames
+                counters["frames_computed"] += frames
+                finished = 0
+                for r in p["rows"]:
+                    sha = r["video_sha256"]
+                    got[sha] += 1
+                    if sha in expected and got[sha] + have[sha] >= r["segments_total"]:
+                        expected.pop(sha)
+                        pending.succeeded.append(f"sha:{sha}")
+                        finished += 1
+                counters["videos_new_ok"] += finished
+                progress.update(done=finished, frames=frames, shards=1)
+            if len(pending.shards) >= cfg.commit_every_shards or time.perf_counter() - last_commit > cfg.commit_every_s:
+                commit()
+    commit(final=True)
+    progress.close()
+    store.end_lease(key, run_id)
+    snap = store.open(key)
+
+    wall = time.perf_counter() - t_start
+    n_inputs = len(refs)
+    failed = counters["videos_failed"] + len(plan.unreadable) + len(plan.quarantined) + len(expected)
+    for v, why in plan.quarantined:
+        failures_by_reason["quarantined"] += 1
+    frames_computed = counters["frames_computed"]
+    result = {
+        **base,
+        "version": snap.version,
+        "run_id": run_id,
+        "videos_ok": len(plan.reused) + counters["videos_new_ok"],
+        "videos_failed": failed,
+        "videos_reused": len(plan.reused),
+        "videos_quarantined": len(plan.quarantined),
+        "videos_duplicate": len(plan.duplicates),
+        "failures_by_reason": dict(failures_by_reason),
+        "samples": snap.index.num_rows,
+        "samples_written": counters["samples_written"],
+        "shards": len(snap.shards),
+        "shards_written": counters["shards_written"],
+        "bytes_written": counters["bytes_written"],
+        "frames_computed": frames_computed,
+        "frames_reused": plan.frames_reused,
+        "metadata_updates": len(plan.metadata_updates),
+        "wall_s": round(wall, 3),
+        "frames_per_s": round(frames_computed / wall, 2) if wall else None,
+        "stage_busy_s": {k: round(v, 3) for k, v in timing.items()},
+        "stage_frames_per_s": {k.removesuffix("_s"): round(frames_computed / v, 2) for k, v in timing.items() if v},
+        "fidelity": snap.manifest.get("fidelity"),
+    }
+    if n_inputs and failed / n_inputs > cfg.max_failure_fraction:
+        result["_exit_code"] = 3
+        result["error"] = (f"{failed} of {n_inputs} videos failed (more than --max-failure-fraction "
+                           f"{cfg.max_failure_fraction}); see failures.parquet in {cfg.store}/{key}")
+    return result
+
+
+def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, key: str, run_id: str, plan: Plan):
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress line says what matters
+    ctx.execution_options.preserve_order = False
+    cpus, gpus = _cluster_resources()
+    use_gpu = gpus >= 1 and cfg.device in ("auto", "cuda")
+    n_teacher = cfg.teacher_actors or (int(gpus) if use_gpu else 1)
+    teacher_cpus = 1.0
+    n_decode = cfg.decode_concurrency or max(1, int(cpus - (0 if use_gpu else n_teacher * teacher_cpus)))
+    items = [w.to_row() for w in plan.compute]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * n_decode))
+    ds = ds.map_batches(
+        DecodeStage, batch_size=1, compute=ActorPoolStrategy(min_size=1, max_size=n_decode), num_cpus=1,
+        fn_constructor_kwargs=dict(sampling=asdict(spec.sampling), preprocess=asdict(spec.preprocess),
+                                   storage=asdict(spec.storage), timeout_s=cfg.decode_timeout,
+                                   storage_options=cfg.storage_options),
+    )
+    ds = ds.map_batches(
+        TeacherStage, batch_size=max(1, cfg.batch_size // spec.sampling.segment_frames),
+        compute=ActorPoolStrategy(size=n_teacher), num_gpus=1 if use_gpu else 0,
+        num_cpus=0.5 if use_gpu else teacher_cpus,
+        fn_constructor_kwargs=dict(teacher=asdict(cfg.teacher), size=cfg.size,
+                                   device="cuda" if use_gpu else ("cpu" if cfg.device == "auto" else cfg.device),
+                                   precision=cfg.teacher.precision, batch_size=cfg.batch_size, storage=asdict(spec.storage),
+                                   segment_frames=spec.sampling.segment_frames))
+    ds = ds.map_batches(
+        write_shard_batch, batch_size=cfg.samples_per_shard, num_cpus=0,
+        fn_kwargs=dict(root=store.root, storage_options=store.storage_options, key=key, run_id=run_id,
+                       storage=asdict(spec.storage)))
+    return ds

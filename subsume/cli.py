@@ -1,0 +1,240 @@
+"""The `subsume` command line: extract, train, eval, embed, store, demo.
+
+Every subcommand takes --json: its last stdout line is then one JSON object summarising the result.
+Exit code 0 on success; otherwise non-zero with a one-line reason on stderr. Heavy imports (Ray, torch,
+transformers) happen inside the handlers so that `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable
+
+
+class CliError(Exception):
+    """An error whose message is the one line the user sees."""
+
+
+def _storage_options(pairs: list[str] | None) -> dict[str, Any]:
+    """KEY=VALUE pairs → fsspec storage options; values are parsed as JSON where they can be."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise CliError(f"--storage-option expects KEY=VALUE, got {pair!r}")
+        k, v = pair.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON summary object as the last stdout line")
+
+
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", default=[],
+                   help="fsspec storage option for the store (repeatable), e.g. endpoint_url=http://host:9000; "
+                        "S3 endpoint and credentials otherwise come from the standard AWS environment")
+
+
+def _add_feature_flags(p: argparse.ArgumentParser, *, for_lookup: bool = False) -> None:
+    """Flags that define a feature KEY (teacher, preprocessing, sampling, storage)."""
+    g = p.add_argument_group("teacher and sampling (these define the KEY)")
+    g.add_argument("--teacher", required=not for_lookup, metavar="MODEL",
+                   help="Hugging Face model id (e.g. openai/clip-vit-base-patch16) or a local folder")
+    g.add_argument("--revision", default=None, help="hub revision (commit, tag or branch) to pin the teacher to")
+    g.add_argument("--output", default="auto",
+                   help="teacher output used as the embedding: auto (the family's image embedding), "
+                        "image_embeds, pooler, cls, cls+mean_patch (default: auto)")
+    g.add_argument("--patch-grid", type=int, default=0, metavar="G",
+                   help="also store the patch tokens pooled to a GxG grid per frame (0: off, default)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the teacher checkpoint to run its own code (off by default)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="teacher compute precision (autocast on GPU; part of the KEY) (default fp32)")
+    g.add_argument("--size", type=int, default=None,
+                   help="teacher input size; default: the checkpoint's own preprocessor config")
+    g.add_argument("--fps", type=float, default=None,
+                   help="sample frames at this rate by timestamps (default 4 unless --stride is given)")
+    g.add_argument("--stride", type=int, default=None, help="instead of --fps: take every N-th decoded frame")
+    g.add_argument("--segment-frames", type=int, default=16, metavar="N",
+                   help="frames per sample (segment) (default 16)")
+    g.add_argument("--overlap", type=int, default=0, help="frames shared by consecutive segments (default 0)")
+    g.add_argument("--max-frames", type=int, default=0, help="cap on sampled frames per video (0: none, default)")
+    g.add_argument("--short", choices=["pad", "drop"], default="pad",
+                   help="videos shorter than one segment: pad by repeating the last frame, or drop (default pad)")
+    g.add_argument("--frame-encoding", choices=["jpeg", "png", "npy"], default="jpeg",
+                   help="how stored frames are encoded (default jpeg; targets are computed on the decoded frames)")
+    g.add_argument("--target-dtype", choices=["float16", "float32"], default="float16",
+                   help="dtype of stored targets (default float16)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="subsume",
+        description="Teach video encoders from strong image models: run the image teacher once over your "
+                    "videos into a feature store, then train video students against the cached targets.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # extract ---------------------------------------------------------------------------------------------
+    p = sub.add_parser("extract", help="decode videos, run the image teacher once, write shards to the store",
+                       description="Decode videos, sample frames, run the image teacher in a Ray Data actor pool "
+                                   "and write per-frame embeddings with the frames to the feature store. Videos "
+                                   "already in the KEY are reused, failed ones are recorded and retried.")
+    p.add_argument("--videos", required=True, metavar="SRC",
+                   help="a folder (searched recursively), a glob, or a manifest (.txt one path a line; .csv or "
+                        ".parquet with a 'path' column, optional 'video_id', other columns are labels)")
+    p.add_argument("--store", required=True, metavar="ROOT", help="store root: a folder or an fsspec URL (s3://...)")
+    _add_feature_flags(p)
+    r = p.add_argument_group("run")
+    r.add_argument("--max-failure-fraction", type=float, default=0.5,
+                   help="exit non-zero when more than this fraction of the videos failed (default 0.5)")
+    r.add_argument("--max-attempts", type=int, default=3,
+                   help="attempts per failing video across runs before it is quarantined (default 3)")
+    r.add_argument("--decode-timeout", type=float, default=300.0,
+                   help="seconds one video may take to decode before its decoder is killed (default 300)")
+    r.add_argument("--batch-size", type=int, default=64, help="frames per teacher forward pass (default 64)")
+    r.add_argument("--teacher-actors", type=int, default=None,
+                   help="teacher actor pool size (default: one per GPU, else 1)")
+    r.add_argument("--decode-concurrency", type=int, default=None,
+                   help="max decode tasks in flight (default: CPUs left after the teacher actors)")
+    r.add_argument("--samples-per-shard", type=int, default=64, help="samples per shard (default 64)")
+    r.add_argument("--device", default="auto", help="teacher device: auto, cpu, cuda (default auto)")
+    r.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
+    r.add_argument("--dry-run", action="store_true", help="say what would be computed, reused and skipped")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_storage(p)
+    _add_common(p)
+    p.set_defaults(handler="subsume.commands:cmd_extract")
+
+    # train -----------------------------------------------------------------------------------------------
+    p = sub.add_parser("train", help="train a video student on cached teacher targets (Ray Train)",
+                       description="Train a video student against the cached targets of a KEY with Ray Train. "
+                                   "Running again with the same --out resumes that run; a new --out starts anew.")
+    p.add_argument("--store", required=True, metavar="ROOT", help="store root (folder or fsspec URL)")
+    p.add_argument("--key", default=None,
+                   help="feature KEY to train on; or give --teacher and sampling flags (or --config) to find it")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (metrics, checkpoints, exports)")
+    p.add_argument("--config", default=None, metavar="YAML", help="run config file (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one config field, e.g. --set student.arch=vit (repeatable)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the config)")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (overrides the config)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--targets", choices=["cached", "online"], default=None,
+                   help="cached (default): stored targets; online: run the KEY's teacher in the loop")
+    p.add_argument("--objective", choices=["iboot", "byol"], default=None,
+                   help="iboot (default): predict the image teacher; byol: video-only baseline, no teacher")
+    p.add_argument("--storage-path", default=None,
+                   help="Ray Train storage for checkpoints (default: OUT/ray); may be s3://")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_feature_flags(p, for_lookup=True)
+    _add_storage(p)
+    _add_common(p)
+    p.set_defaults(handler="subsume.commands:cmd_train")
+
+    # eval ------------------------------------------------------------------------------------------------
+    p = sub.add_parser("eval", help="kNN and linear-probe accuracy of a trained student on held-out samples",
+                       description="Embed the held-out labelled samples of a KEY with the student and report kNN "
+                                   "and linear-probe accuracy per label, beside the teacher's frame-averaged "
+                                   "embeddings and a randomly initialised student.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder (from train's JSON)")
+    p.add_argument("--store", required=True, metavar="ROOT", help="store root")
+    p.add_argument("--key", required=True, help="feature KEY with labelled samples")
+    p.add_argument("--k", type=int, default=5, help="neighbours for kNN (default 5)")
+    _add_storage(p)
+    _add_common(p)
+    p.set_defaults(handler="subsume.commands:cmd_eval")
+
+    # embed -----------------------------------------------------------------------------------------------
+    p = sub.add_parser("embed", help="write a trained student's clip embeddings for videos to Parquet")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder")
+    p.add_argument("--videos", required=True, metavar="SRC", help="folder, glob or manifest, as for extract")
+    p.add_argument("--out", required=True, metavar="FILE", help="output .parquet file")
+    p.add_argument("--fps", type=float, default=None, help="sampling rate (default: the one the student was trained on)")
+    _add_common(p)
+    p.set_defaults(handler="subsume.commands:cmd_embed")
+
+    # store -----------------------------------------------------------------------------------------------
+    p = sub.add_parser("store", help="list, inspect, verify and clean a feature store")
+    ssub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    s = ssub.add_parser("ls", help="list KEYs with their teacher and sample counts")
+    s.add_argument("root", metavar="ROOT")
+    _add_storage(s)
+    _add_common(s)
+    s.set_defaults(handler="subsume.commands:cmd_store_ls")
+    s = ssub.add_parser("inspect", help="teacher, settings, counts, size, failures and fidelity of a KEY")
+    s.add_argument("root", metavar="ROOT")
+    s.add_argument("key", metavar="KEY")
+    _add_storage(s)
+    _add_common(s)
+    s.set_defaults(handler="subsume.commands:cmd_store_inspect")
+    s = ssub.add_parser("verify", help="re-read every shard; exit non-zero on any damage")
+    s.add_argument("root", metavar="ROOT")
+    s.add_argument("key", metavar="KEY")
+    _add_storage(s)
+    _add_common(s)
+    s.set_defaults(handler="subsume.commands:cmd_store_verify")
+    s = ssub.add_parser("gc", help="remove leftovers of killed jobs; optionally whole KEYs")
+    s.add_argument("root", metavar="ROOT")
+    s.add_argument("--delete-key", action="append", default=[], metavar="KEY", help="also delete this KEY entirely")
+    s.add_argument("--grace", type=float, default=3600.0,
+                   help="seconds a leftover must be older than (and its writer's lease expired) (default 3600)")
+    _add_storage(s)
+    _add_common(s)
+    s.set_defaults(handler="subsume.commands:cmd_store_gc")
+
+    # demo ------------------------------------------------------------------------------------------------
+    p = sub.add_parser("demo", help="generate sample videos and a demo teacher, then extract, train and eval",
+                       description="The whole path on the embedded default: sample videos it generates, a small "
+                                   "local teacher, a local store.")
+    p.add_argument("--workdir", default="demo-work", help="folder for videos, teacher, store and run (default demo-work)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the demo config's)")
+    _add_common(p)
+    p.set_defaults(handler="subsume.commands:cmd_demo")
+    return parser
+
+
+def _resolve(handler: str) -> Callable[[argparse.Namespace], dict[str, Any]]:
+    import importlib
+
+    module, name = handler.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.storage_options = _storage_options(getattr(args, "storage_option", None))
+        result = _resolve(args.handler)(args)
+    except CliError as e:
+        print(f"subsume {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"subsume {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected error: one line, the traceback only on request
+        if os.environ.get("SUBSUME_DEBUG"):
+            raise
+        print(f"subsume {args.command}: {type(e).__name__}: {e} (set SUBSUME_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+    exit_code = int(result.pop("_exit_code", 0)) if isinstance(result, dict) else 0
+    if args.json:
+        sys.stdout.flush()
+        print(json.dumps(result, default=str))
+    if exit_code:
+        print(f"subsume {args.command}: {result.get('error', 'failed')}", file=sys.stderr)
+    return exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,264 @@
+"""CLI handlers: turn parsed flags into typed configs, call pipeline/, training/ and feature_store/, and
+return the JSON summary. Side effects (Ray start-up, printing) live here, at the edge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from subsume.cli import CliError
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join RAY_ADDRESS / --ray-address if given, else start a local Ray for this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True, "include_dashboard": False,
+                              "logging_level": "WARNING"}
+    addr = address or os.environ.get("RAY_ADDRESS")
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own progress line says what matters
+    if addr:
+        ray.init(address=addr, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+    else:
+        ray.init(**kwargs)
+
+
+def _sampling(args: argparse.Namespace):
+    from feature_store.spec import SamplingSpec
+
+    fps = args.fps if (args.fps is not None or args.stride is not None) else 4.0
+    try:
+        return SamplingSpec(fps=fps, stride=args.stride, segment_frames=args.segment_frames, overlap=args.overlap,
+                            max_frames=args.max_frames, short=args.short)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+
+
+def _teacher(args: argparse.Namespace):
+    from feature_store.spec import TeacherSpec
+
+    return TeacherSpec(model=args.teacher, revision=args.revision, output=args.output, patch_grid=args.patch_grid,
+                       trust_remote_code=args.trust_remote_code, precision=args.precision)
+
+
+def extract_config(args: argparse.Namespace):
+    from feature_store.spec import StorageSpec
+    from pipeline.extract import ExtractConfig
+
+    return ExtractConfig(
+        videos=args.videos, store=args.store, teacher=_teacher(args), sampling=_sampling(args),
+        storage=StorageSpec(frame_encoding=args.frame_encoding, target_dtype=args.target_dtype), size=args.size,
+        max_failure_fraction=args.max_failure_fraction, max_attempts=args.max_attempts,
+        decode_timeout=args.decode_timeout, batch_size=args.batch_size, teacher_actors=args.teacher_actors,
+        decode_concurrency=args.decode_concurrency, samples_per_shard=args.samples_per_shard,
+        device=args.device, dry_run=args.dry_run, storage_options=args.storage_options,
+        progress=not args.quiet)
+
+
+def cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.extract import run_extract
+    from pipeline.sources import SourceError
+
+    cfg = extract_config(args)
+    try:
+        result = run_extract(cfg, connect=lambda: ensure_ray(args.ray_address))
+    except (SourceError, FileNotFoundError, OSError, ValueError) as e:
+        raise CliError(str(e)) from e
+    if not args.json:
+        _print_extract_report(result)
+    return result
+
+
+def _print_extract_report(r: dict[str, Any]) -> None:
+    if r.get("dry_run"):
+        print(f"dry run for KEY {r['key']} in {r['store']}: {r['videos_total']} videos; would compute "
+              f"{r['to_compute']} ({r['to_complete']} to complete), reuse {r['reused']} "
+              f"({r['frames_reused']} frames), skip {r['quarantined']} quarantined, {r['unreadable']} unreadable, "
+              f"{r['duplicates']} duplicates")
+        return
+    print(f"KEY {r['key']} (snapshot {r['version']}) in {r['store']}")
+    print(f"  videos: {r['videos_ok']} ok ({r['videos_reused']} reused), {r['videos_failed']} failed"
+          + (f" {r['failures_by_reason']}" if r["failures_by_reason"] else ""))
+    print(f"  frames: {r['frames_computed']} computed, {r['frames_reused']} reused; samples {r['samples']} "
+          f"({r['samples_written']} new); shards {r['shards']} ({r['shards_written']} new, "
+          f"{r['bytes_written'] / 1e6:.1f} MB)")
+    print(f"  wall {r['wall_s']:.1f} s, {r['frames_per_s'] or 0:.1f} frames/s end to end; per stage (busy): "
+          + ", ".join(f"{k} {v:.1f} frames/s" for k, v in r["stage_frames_per_s"].items()))
+
+
+def _find_key(args: argparse.Namespace) -> str:
+    """--key, or the KEY whose spec matches --teacher and the sampling flags."""
+    from feature_store.store import FeatureStore
+
+    if args.key:
+        return args.key
+    if not args.teacher:
+        raise CliError("give --key KEY, or --teacher MODEL (with the sampling flags used for extract) to find it")
+    from pipeline.extract import resolve_feature_spec
+
+    cfg = extract_config(argparse.Namespace(**{**vars(args), "videos": "", "max_failure_fraction": 0.5,
+                                               "max_attempts": 3, "decode_timeout": 0, "batch_size": 1,
+                                               "teacher_actors": None, "decode_concurrency": None,
+                                               "samples_per_shard": 1, "device": "cpu",
+                                               "dry_run": True}))
+    spec = resolve_feature_spec(cfg)
+    store = FeatureStore(args.store, args.storage_options)
+    if spec.key in store.keys():
+        return spec.key
+    flags = f"--teacher {args.teacher} --segment-frames {args.segment_frames}" + (
+        f" --fps {args.fps}" if args.fps else "") + (f" --stride {args.stride}" if args.stride else "")
+    raise CliError(f"no KEY in {args.store} matches these teacher and sampling settings (it would be {spec.key}); "
+                   f"run: subsume extract --videos SRC --store {args.store} {flags}")
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from feature_store.store import KeyNotFound
+    from training.config import load_config
+    from training.train import run_train
+
+    overrides = list(args.set)
+    for flag, field in (("steps", "steps"), ("workers", "workers"), ("targets", "targets"),
+                        ("objective", "objective")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{field}={getattr(args, flag)}")
+    if args.use_gpu:
+        overrides.append("use_gpu=true")
+    try:
+        cfg = load_config(args.config, overrides)
+    except (OSError, ValueError, TypeError) as e:
+        raise CliError(f"config: {e}") from e
+    key = _find_key(args)
+    if cfg.workers > 1 or cfg.use_gpu:
+        ensure_ray(args.ray_address)
+    try:
+        return run_train(cfg, args.store, key, args.out, storage_options=args.storage_options,
+                         storage_path=args.storage_path, log=(lambda m: None) if args.quiet else _err)
+    except (KeyNotFound, ValueError) as e:
+        raise CliError(str(e)) from e
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from feature_store.store import KeyNotFound
+    from training.evaluate import evaluate
+
+    if not os.path.isdir(args.checkpoint):
+        raise CliError(f"--checkpoint {args.checkpoint}: no such folder")
+    try:
+        result = evaluate(args.checkpoint, args.store, args.key, storage_options=args.storage_options, k=args.k)
+    except (KeyNotFound, ValueError, FileNotFoundError) as e:
+        raise CliError(str(e)) from e
+    if not args.json:
+        print(format_eval(result))
+    return result
+
+
+def format_eval(r: dict[str, Any]) -> str:
+    lines = [f"held-out samples: {r['n']} from {r['heldout_videos']} videos (bank: {r['n_train']} samples)",
+             f"{'label':<12} {'student':>8} {'random':>8} {'teacher':>8}   (kNN, k={r['k']}; linear probe below)"]
+    for name, row in r["per_label"].items():
+        lines.append(f"{name:<12} {row['student_knn']:>8.3f} {row['random_student_knn']:>8.3f} "
+                     f"{row['teacher_knn']:>8.3f}   chance {row['chance']:.3f}")
+        lines.append(f"{'':<12} {row['student_linear']:>8.3f} {row['random_student_linear']:>8.3f} "
+                     f"{row['teacher_linear']:>8.3f}")
+    return "\n".join(lines)
+
+
+def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
+    from subsume.embed import run_embed
+
+    try:
+        return run_embed(args.checkpoint, args.videos, args.out, fps=args.fps)
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from e
+
+
+def _store(args: argparse.Namespace):
+    from feature_store.store import FeatureStore
+
+    return FeatureStore(args.root, args.storage_options)
+
+
+def cmd_store_ls(args: argparse.Namespace) -> dict[str, Any]:
+    store = _store(args)
+    rows = []
+    for key in store.keys():
+        snap = store.open(key)
+        m = snap.manifest
+        spec = snap.spec
+        rows.append({"key": key, "teacher": spec.teacher.model, "version": snap.version,
+                     "samples": m.get("counts", {}).get("samples", 0), "videos": m.get("counts", {}).get("videos", 0),
+                     "segment_frames": spec.sampling.segment_frames,
+                     "fps": spec.sampling.fps, "stride": spec.sampling.stride})
+    if not args.json:
+        if not rows:
+            print(f"no KEYs in {args.root}")
+        for r in rows:
+            print(f"{r['key']}  {r['samples']:>7} samples {r['videos']:>6} videos  v{r['version']}  "
+                  f"teacher={r['teacher']}  frames={r['segment_frames']} "
+                  + (f"fps={r['fps']}" if r["fps"] else f"stride={r['stride']}"))
+    return {"root": args.root, "keys": rows}
+
+
+def cmd_store_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    from feature_store.maintenance import inspect
+    from feature_store.store import KeyNotFound
+
+    try:
+        info = inspect(_store(args), args.key)
+    except KeyNotFound as e:
+        raise CliError(str(e)) from e
+    if not args.json:
+        print(json.dumps(info, indent=2, default=str))
+    return info
+
+
+def cmd_store_verify(args: argparse.Namespace) -> dict[str, Any]:
+    from feature_store.maintenance import verify
+    from feature_store.store import KeyNotFound
+
+    try:
+        rep = verify(_store(args), args.key)
+    except KeyNotFound as e:
+        raise CliError(str(e)) from e
+    out = {"key": rep.key, "version": rep.version, "ok": rep.ok, "shards_checked": rep.shards_checked,
+           "samples_checked": rep.samples_checked, "problems": rep.problems}
+    if not args.json:
+        print(f"{rep.key} v{rep.version}: {rep.shards_checked} shards, {rep.samples_checked} samples checked, "
+              f"{len(rep.problems)} problems")
+        for p in rep.problems:
+            print(f"  {p['kind']}: {p['where']}: {p['detail']}")
+    if not rep.ok:
+        out["_exit_code"] = 1
+        out["error"] = f"{len(rep.problems)} problems in {rep.key} (first: {rep.problems[0]['kind']} at {rep.problems[0]['where']})"
+    return out
+
+
+def cmd_store_gc(args: argparse.Namespace) -> dict[str, Any]:
+    from feature_store.maintenance import gc
+    from feature_store.store import KeyNotFound
+
+    try:
+        out = gc(_store(args), grace=args.grace, delete_keys=args.delete_key)
+    except KeyNotFound as e:
+        raise CliError(str(e)) from e
+    if not args.json:
+        print(f"removed {out['count']} leftovers" + "".join(f"\n  {p}" for p in out["removed"]))
+    return out
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from subsume.demo import run_demo
+
+    return run_demo(args.workdir, steps=args.steps, workers=args.workers, quiet_json=args.json)

@@ -1,0 +1,109 @@
+"""Shared fixtures: one real local Ray cluster per test run, a tiny real CLIP teacher saved to disk, and
+real encoded sample videos. Everything is built here; nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """A local Ray head started once for the whole run (about 6 s), shared by in-process tests and CLI
+    subprocesses (through RAY_ADDRESS). 4 logical CPUs on 2 cores so decode, teacher and Train workers fit."""
+    ray_bin = shutil.which("ray", path=str(VENV_BIN)) or shutil.which("ray")
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
+                    "--disable-usage-stats", f"--temp-dir={temp}"], check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    address = f"127.0.0.1:{port}"
+    try:
+        yield address
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([ray_bin, "stop", "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_address):
+    """This test process connected to the shared cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address, logging_level="WARNING", log_to_driver=False)
+    return ray_address
+
+
+def cli_env(ray_address: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return env
+
+
+def run_cli(args: list[str], ray_address: str | None = None, timeout: int = 600, check: bool = True):
+    """Run the real `subsume` console script; returns (returncode, parsed last-line JSON or None, stderr)."""
+    import json
+
+    exe = shutil.which("subsume", path=str(VENV_BIN)) or "subsume"
+    proc = subprocess.run([exe, *args], capture_output=True, text=True, env=cli_env(ray_address), timeout=timeout)
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    try:
+        payload = json.loads(last) if last.startswith("{") else None
+    except json.JSONDecodeError:
+        payload = None
+    if check and proc.returncode != 0:
+        raise AssertionError(f"subsume {' '.join(args)} exited {proc.returncode}\nSTDERR:\n{proc.stderr[-4000:]}")
+    return proc.returncode, payload, proc.stderr
+
+
+def save_tiny_clip(folder: Path, *, image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny random CLIPVisionModelWithProjection + its image processor, as a hub checkpoint would be."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=8, projection_dim=16)
+    model = CLIPVisionModelWithProjection(cfg).eval()
+    model.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
+def sample_videos(tmp_path_factory) -> Path:
+    """12 labelled H.264 videos (the demo generator) and their manifest.csv."""
+    from subsume.sample_data import generate_videos
+
+    out = tmp_path_factory.mktemp("videos")
+    return Path(generate_videos(out, 12, seed=1, size=48, frames=24, fps=12.0))

@@ -1,0 +1,60 @@
+from feature_store.store import failure_id
+from pipeline.plan import VideoInput, make_plan
+
+
+def row(sha, seg, total, source="/v/a.mp4", vid="a", labels=None, size=10, mtime=1.0):
+    return {"sample_key": f"{sha}-s{seg}", "video_sha256": sha, "segment": seg, "segments_total": total,
+            "source": source, "video_id": vid, "labels": labels or {}, "video_size": size, "video_mtime": mtime}
+
+
+def fail(sha, source, attempts, retryable=True, error="not_a_video"):
+    return {"failure_id": failure_id(sha, source), "video_sha256": sha, "source": source, "attempts": attempts,
+            "retryable": retryable, "error": error}
+
+
+def vi(source, sha, vid="a", labels=None, error="", size=10, mtime=1.0):
+    return VideoInput(source, vid, labels or {}, sha256=sha, size=size, mtime=mtime, error=error)
+
+
+def test_complete_videos_are_reused_and_partial_ones_completed():
+    index = [row("A", 0, 2), row("A", 1, 2), row("B", 0, 3, source="/v/b.mp4", vid="b")]
+    plan = make_plan([vi("/v/a.mp4", "A"), vi("/v/b.mp4", "B", vid="b"), vi("/v/c.mp4", "C", vid="c")], index, [],
+                     max_attempts=3, segment_frames=4)
+    assert [v.sha256 for v in plan.reused] == ["A"]
+    assert {w.sha256: w.have_segments for w in plan.compute} == {"B": [0], "C": []}
+    assert plan.frames_reused == 3 * 4
+    assert not plan.metadata_updates
+
+
+def test_renamed_video_is_reused_with_its_metadata_updated():
+    index = [row("A", 0, 1, source="/old/a.mp4", vid="a", labels={"shape": "circle"})]
+    plan = make_plan([vi("/new/x.mp4", "A", vid="x", labels={"shape": "square"})], index, [], max_attempts=3,
+                     segment_frames=4)
+    assert not plan.compute and len(plan.reused) == 1
+    assert plan.metadata_updates == [{"video_sha256": "A", "source": "/new/x.mp4", "video_id": "x",
+                                      "labels": {"shape": "square"}, "video_size": 10, "video_mtime": 1.0}]
+
+
+def test_failed_videos_are_retried_until_quarantined():
+    failures = [fail("F", "/v/f.mp4", 2), fail("G", "/v/g.mp4", 3), fail("H", "/v/h.mp4", 1, retryable=False)]
+    inputs = [vi("/v/f.mp4", "F"), vi("/v/g.mp4", "G"), vi("/v/h.mp4", "H")]
+    plan = make_plan(inputs, [], failures, max_attempts=3, segment_frames=4)
+    assert [w.sha256 for w in plan.compute] == ["F"]
+    assert sorted(v.sha256 for v, _ in plan.quarantined) == ["G", "H"]
+
+
+def test_same_bytes_twice_in_one_input_are_computed_once():
+    plan = make_plan([vi("/v/a.mp4", "A"), vi("/v/copy.mp4", "A", vid="copy")], [], [], max_attempts=3,
+                     segment_frames=4)
+    assert len(plan.compute) == 1 and len(plan.duplicates) == 1
+
+
+def test_unreadable_inputs_are_reported_not_computed():
+    plan = make_plan([vi("/v/gone.mp4", "", error="missing")], [], [], max_attempts=3, segment_frames=4)
+    assert not plan.compute and [v.source for v in plan.unreadable] == ["/v/gone.mp4"]
+
+
+def test_unreadable_inputs_are_quarantined_after_max_attempts():
+    plan = make_plan([vi("/v/gone.mp4", "", error="missing")], [], [fail("", "/v/gone.mp4", 3, error="missing")],
+                     max_attempts=3, segment_frames=4)
+    assert not plan.unreadable and len(plan.quarantined) == 1

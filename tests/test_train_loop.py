@@ -1,0 +1,101 @@
+"""The training loop in-process (one worker, no Ray): it learns, checkpoints, resumes to identical weights."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from feature_store.store import FeatureStore
+from tests.storehelpers import S, add_video, small_spec
+from training.config import DataConfig, OptimConfig, TrainConfig, apply_overrides, config_from_dict, load_config
+from training.models import StudentConfig, load_student
+from training.train import run_train
+
+
+@pytest.fixture
+def store_key(tmp_path):
+    store = FeatureStore(str(tmp_path / "store"))
+    key = store.ensure_key(small_spec())
+    for i in range(6):
+        add_video(store, key, f"v{i}", 2, labels={"kind": "ab"[i % 2]})
+    return store.root, key
+
+
+def tiny_cfg(steps=6, **kw):
+    return TrainConfig(steps=steps, checkpoint_every=3, log_every=1, seed=0,
+                       student=StudentConfig(arch="r2plus1d", size="tiny", frames=2, image_size=S),
+                       data=DataConfig(view_frames=2, batch_size=2, shuffle_buffer=4, heldout_fraction=0.0),
+                       optim=OptimConfig(lr=1e-3, warmup_steps=1), **kw)
+
+
+def _weights(ckpt):
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+    return state["model"]
+
+
+def test_train_writes_metrics_checkpoints_and_an_exported_student(store_key, tmp_path):
+    root, key = store_key
+    out = tmp_path / "run"
+    res = run_train(tiny_cfg(), root, key, str(out))
+    assert res["steps"] == 6 and res["loss_first"] is not None and res["loss_last"] is not None
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "cross", "frame", "lr", "samples_per_s", "data_wait_frac"} <= set(lines[-1])
+    model, cfg = load_student(os.path.join(res["checkpoint"], "student"))
+    assert cfg.image_size == S
+    assert (out / "curves.png").exists() and (out / "run.json").exists()
+    run = json.loads((out / "run.json").read_text())
+    assert run["key"] == key and len(run["manifest_sha256"]) == 64
+
+
+TINY = ["--set", "student.frames=2", f"--set", f"student.image_size={S}", "--set", "data.view_frames=2",
+        "--set", "data.batch_size=2", "--set", "data.shuffle_buffer=4", "--set", "data.heldout_fraction=0.0",
+        "--set", "optim.warmup_steps=1", "--set", "checkpoint_every=4", "--set", "log_every=1"]
+
+
+def test_a_killed_run_resumes_to_the_same_weights(store_key, tmp_path):
+    """SIGKILL the real CLI after its first checkpoint, rerun with the same --out: same final weights."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import VENV_BIN, cli_env, run_cli
+
+    root, key = store_key
+    args = ["train", "--store", root, "--key", key, "--steps", "24", "--workers", "1", "--json", *TINY]
+    _, straight, _ = run_cli([*args, "--out", str(tmp_path / "a")])
+    out_b = tmp_path / "b"
+    proc = subprocess.Popen([str(VENV_BIN / "subsume"), *args, "--out", str(out_b)], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not [p for p in (out_b / "checkpoints").glob("step_*") if p.name[5:].isdigit()]:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p for p in (out_b / "checkpoints").glob("step_*") if p.name[5:].isdigit())
+    assert done and not done[-1].name.endswith("00000024"), "the run finished before it could be killed"
+    _, resumed, err = run_cli([*args, "--out", str(out_b)])
+    assert "resumed at step" in err
+    assert resumed["steps"] == straight["steps"] == 24
+    a, b = _weights(straight["checkpoint"]), _weights(resumed["checkpoint"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_byol_baseline_trains_without_targets(store_key, tmp_path):
+    root, key = store_key
+    res = run_train(tiny_cfg(objective="byol"), root, key, str(tmp_path / "byol"))
+    assert res["steps"] == 6
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 10\nstudent:\n  arch: vit\noptim:\n  lr: 0.01\n")
+    cfg = load_config(str(p), ["student.size=small", "data.batch_size=4", "loss.frame=0.0"])
+    assert (cfg.steps, cfg.student.arch, cfg.student.size, cfg.optim.lr, cfg.data.batch_size, cfg.loss.frame) == \
+        (10, "vit", "small", 0.01, 4, 0.0)
+    assert config_from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError):
+        config_from_dict(apply_overrides({}, ["optim.lr_typo=1"]))

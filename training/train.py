@@ -1,0 +1,188 @@
+"""Run training: in-process (one worker, no Ray; tests and quick runs) or on Ray Train with DDP workers.
+
+A run lives in its --out folder. `run.json` there pins what it trains on (store, KEY, snapshot version,
+manifest checksum) and the Ray Train run name, so running again with the same --out resumes the same run on
+the same samples even if the KEY has grown since, and a new --out starts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from dataclasses import asdict
+from typing import Any, Callable
+
+from feature_store.store import FeatureStore
+from training.config import TrainConfig, config_from_dict, dump_config
+from training.loop import EXPORT_DIR, DataSource, WorkerEnv, train_worker
+
+RUN_FILE = "run.json"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare_run(cfg: TrainConfig, root: str, key: str, out: str, storage_options: dict[str, Any]) -> tuple[DataSource, dict[str, Any]]:
+    """Create or reopen the run folder; returns the data source and the run record (lineage)."""
+    os.makedirs(out, exist_ok=True)
+    run_path = os.path.join(out, RUN_FILE)
+    store = FeatureStore(root, storage_options)
+    if os.path.exists(run_path):
+        with open(run_path) as f:
+            run = json.load(f)
+        if run["key"] != key or run["store"] != root:
+            raise ValueError(f"{out} is a run on {run['store']}/{run['key']}, not {root}/{key}: use a new --out")
+        snap = store.open(key, run["version"])
+    else:
+        snap = store.open(key)
+        if snap.version == 0 or snap.index.num_rows == 0:
+            raise ValueError(f"KEY {key} in {root} has no samples yet")
+        run = {"run_name": f"subsume-{uuid.uuid4().hex[:10]}", "store": root, "key": key, "version": snap.version,
+               "manifest_sha256": snap.manifest_sha256, "samples": snap.index.num_rows,
+               "config": cfg.to_dict()}
+        with open(run_path, "w") as f:
+            json.dump(run, f, indent=1)
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            f.write(dump_config(cfg))
+    spec = snap.spec
+    mean, std = snap.target_mean_std()
+    src = DataSource(root=root, key=key, version=snap.version, storage_options=dict(storage_options),
+                     target_mean=mean.tolist(), target_std=std.tolist(), teacher_model=spec.teacher.model,
+                     teacher_revision=spec.teacher.revision, image_size=spec.preprocess.crop,
+                     segment_frames=spec.sampling.segment_frames, embed_dim=spec.embed_dim)
+    if cfg.student.image_size != spec.preprocess.crop:
+        raise ValueError(f"student.image_size {cfg.student.image_size} != the KEY's frame size "
+                         f"{spec.preprocess.crop}; set --set student.image_size={spec.preprocess.crop}")
+    return src, run
+
+
+def run_in_process(cfg: TrainConfig, src: DataSource, out: str, log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """One worker in this process. Checkpoints go to OUT/checkpoints/step_N; a rerun resumes from the last."""
+    import shutil
+
+    ckpt_root = os.path.join(out, "checkpoints")
+    os.makedirs(ckpt_root, exist_ok=True)
+    for d in os.listdir(ckpt_root):  # a copy cut short by a kill
+        if d.endswith(".tmp"):
+            shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+    done = sorted((d for d in os.listdir(ckpt_root) if d.startswith("step_") and d[5:].isdigit()),
+                  key=lambda d: int(d[5:]))
+    last: dict[str, str | None] = {"path": os.path.join(ckpt_root, done[-1]) if done else None}
+
+    def report(metrics: dict[str, Any], ckpt: str | None) -> None:
+        if ckpt:
+            dest = os.path.join(ckpt_root, f"step_{metrics['step']:08d}")
+            tmp = dest + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(ckpt, tmp)
+            os.replace(tmp, dest)  # a checkpoint appears whole or not at all
+            last["path"] = dest
+
+    env = WorkerEnv(report=report, restore_dir=last["path"], out_dir=out)
+    summary = train_worker(cfg, src, env, log=log)
+    return {**summary, "checkpoint": last["path"]}
+
+
+def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """The function each Ray Train worker runs."""
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(config["cfg"])
+    src = DataSource(**config["src"])
+    ctx = ray.train.get_context()
+    restore = ray.train.get_checkpoint()
+
+    def report(metrics: dict[str, Any], ckpt: str | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt) if ckpt else None)
+
+    def run(restore_dir: str | None) -> dict[str, Any]:
+        env = WorkerEnv(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                        device=ray.train.torch.get_device(), prepare=ray.train.torch.prepare_model,
+                        report=report, restore_dir=restore_dir, out_dir=config["out"])
+        return train_worker(cfg, src, env, log=lambda m: print(m, flush=True))
+
+    if restore is not None:
+        with restore.as_directory() as d:
+            with tempfile.TemporaryDirectory() as local:  # the checkpoint folder may vanish once we return
+                import shutil
+
+                shutil.copytree(d, local, dirs_exist_ok=True)
+                return run(local)
+    return run(None)
+
+
+def run_ray(cfg: TrainConfig, src: DataSource, out: str, run_name: str, storage_path: str | None = None,
+            storage_filesystem: Any = None) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path = storage_path or os.path.abspath(os.path.join(out, "ray"))
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "src": asdict(src), "out": os.path.abspath(out)},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    summary = dict(result.return_value or {})
+    ckpt = result.checkpoint
+    return {**summary, "checkpoint": ckpt.path if ckpt is not None else None}
+
+
+def run_train(cfg: TrainConfig, root: str, key: str, out: str, *, storage_options: dict[str, Any] | None = None,
+              storage_path: str | None = None, in_process: bool | None = None,
+              log: Callable[[str], None] = _log) -> dict[str, Any]:
+    src, run = prepare_run(cfg, root, key, out, storage_options or {})
+    in_process = (cfg.workers <= 1 and not cfg.use_gpu) if in_process is None else in_process
+    if in_process:
+        summary = run_in_process(cfg, src, out, log)
+    else:
+        summary = run_ray(cfg, src, out, run["run_name"], storage_path)
+    history = summary.pop("loss_history", [])
+    if summary.get("checkpoint"):
+        write_curves(out, log)
+    return {"out": os.path.abspath(out), "run_name": run["run_name"], "key": key, "version": src.version,
+            "manifest_sha256": run["manifest_sha256"], "objective": cfg.objective, "targets": cfg.targets,
+            "workers": cfg.workers, **summary, "export": os.path.join(summary["checkpoint"], EXPORT_DIR)
+            if summary.get("checkpoint") else None, "losses_logged": len(history)}
+
+
+def write_curves(out: str, log: Callable[[str], None] = _log) -> str | None:
+    """A PNG of the training curves from metrics.jsonl (the last record per step wins after a resume)."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    rows: dict[int, dict[str, Any]] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                rows[r["step"]] = r
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(rows)
+    keys = [k for k in ("loss", "cross", "frame", "cos_cross", "cos_frame", "lr", "samples_per_s", "data_wait_frac")
+            if k in rows[steps[-1]]]
+    fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=(3.2 * ((len(keys) + 1) // 2), 5.5), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        ax.plot(steps, [rows[s].get(k) for s in steps])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    png = os.path.join(out, "curves.png")
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
