@@ -224,13 +224,16 @@ class Teacher:
 
 
 def load_teacher(spec: TeacherSpec, *, size: int | None = None, device: str = "auto",
-                 precision: str = "fp32") -> Teacher:
+                 precision: str | None = None) -> Teacher:
     """Load `spec.model` (local folder or hub id at `spec.revision`) as a frozen teacher.
 
     size: input size override (see resolve_preprocess); device: "auto" (CUDA when available) or a torch
     device string; precision: "fp32", or "bf16"/"fp16" autocast around the forward pass.
     """
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-load bar in every actor's log says nothing useful
 
     folder = model_folder(spec)
     fingerprint = weights_fingerprint(folder)
@@ -240,7 +243,7 @@ def load_teacher(spec: TeacherSpec, *, size: int | None = None, device: str = "a
     # fp32 weights whatever the checkpoint stores: reduced precision is the autocast's job.
     model = model_cls.from_pretrained(folder, config=config, dtype=torch.float32)
     return Teacher(spec, preprocess, model, fingerprint=fingerprint, device=resolve_device(device),
-                   precision=precision)
+                   precision=precision or spec.precision)
 
 
 @dataclass(frozen=True)

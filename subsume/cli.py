@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--decode-concurrency", type=int, default=None,
                    help="max decode tasks in flight (default: CPUs left after the teacher actors)")
     r.add_argument("--samples-per-shard", type=int, default=64, help="samples per shard (default 64)")
+    r.add_argument("--commit-every", type=int, default=8, metavar="SHARDS",
+                   help="commit to the store after this many new shards (and every 30 s); a killed run "
+                        "loses at most the shards since its last commit (default 8)")
     r.add_argument("--device", default="auto", help="teacher device: auto, cpu, cuda (default auto)")
     r.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
     r.add_argument("--dry-run", action="store_true", help="say what would be computed, reused and skipped")

@@ -63,6 +63,7 @@ def extract_config(args: argparse.Namespace):
         max_failure_fraction=args.max_failure_fraction, max_attempts=args.max_attempts,
         decode_timeout=args.decode_timeout, batch_size=args.batch_size, teacher_actors=args.teacher_actors,
         decode_concurrency=args.decode_concurrency, samples_per_shard=args.samples_per_shard,
+        commit_every_shards=args.commit_every,
         device=args.device, dry_run=args.dry_run, storage_options=args.storage_options,
         progress=not args.quiet)
 
@@ -111,7 +112,7 @@ def _find_key(args: argparse.Namespace) -> str:
     cfg = extract_config(argparse.Namespace(**{**vars(args), "videos": "", "max_failure_fraction": 0.5,
                                                "max_attempts": 3, "decode_timeout": 0, "batch_size": 1,
                                                "teacher_actors": None, "decode_concurrency": None,
-                                               "samples_per_shard": 1, "device": "cpu",
+                                               "samples_per_shard": 1, "commit_every": 8, "device": "cpu",
                                                "dry_run": True}))
     spec = resolve_feature_spec(cfg)
     store = FeatureStore(args.store, args.storage_options)

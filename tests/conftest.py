@@ -17,6 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
+# A throwaway cluster for this test run: no usage stats, and no token auth (Ray 2.60 turns it on by default;
+# a token generated for one cluster then locks out the CLI subprocesses of another).
+RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -30,7 +35,7 @@ def ray_address():
     ray_bin = shutil.which("ray", path=str(VENV_BIN)) or shutil.which("ray")
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **RAY_TEST_ENV}
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
                     "--disable-usage-stats", f"--temp-dir={temp}"], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
@@ -42,9 +47,32 @@ def ray_address():
 
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([ray_bin, "stop", "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       timeout=120)
+        _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_cluster(temp: str) -> None:
+    """Stop only this run's cluster: `ray stop` would kill every Ray on the machine (a user's demo too)."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if temp in " ".join(p.info["cmdline"] or []):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +80,14 @@ def ray_session(ray_address):
     """This test process connected to the shared cluster."""
     import ray
 
+    os.environ.update(RAY_TEST_ENV)
     if not ray.is_initialized():
         ray.init(address=ray_address, logging_level="WARNING", log_to_driver=False)
     return ray_address
 
 
 def cli_env(ray_address: str | None = None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **RAY_TEST_ENV}
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
     return env

@@ -1,0 +1,166 @@
+"""End to end through the real CLI on a real local Ray cluster: extract -> (rerun) -> train -> eval.
+
+Real H.264 videos (the demo generator) plus hostile files, a real transformers teacher loaded with
+from_pretrained from a folder, real shards. Kept small: these are the slow tests of the suite.
+"""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import webdataset as wds
+
+from feature_store.shards import decode_frames, npy_load
+from feature_store.spec import TeacherSpec
+from feature_store.store import FeatureStore
+from feature_store.teacher import load_teacher
+from tests.conftest import VENV_BIN, cli_env, run_cli
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+EXTRACT = ["--fps", "12", "--segment-frames", "8", "--samples-per-shard", "4", "--json", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def corpus(sample_videos, tmp_path_factory) -> Path:
+    """The sample videos plus hostile inputs, in one manifest (paths relative to it)."""
+    root = tmp_path_factory.mktemp("corpus")
+    shutil.copytree(sample_videos.parent / "videos", root / "videos")
+    (root / "videos" / "empty.mp4").write_bytes(b"")
+    (root / "videos" / "text.mp4").write_text("this is not a video\n" * 50)
+    (root / "videos" / "random.mp4").write_bytes(np.random.default_rng(0).bytes(20_000))
+    rows = list(csv.DictReader(open(sample_videos)))
+    for name in ("empty", "text", "random", "missing"):
+        rows.append({"path": f"videos/{name}.mp4", "video_id": name, "shape": "circle", "colour": "red",
+                     "direction": "left"})
+    with open(root / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root / "manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def extracted(corpus, tiny_teacher, ray_address, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    rc, out, err = run_cli(["extract", "--videos", str(corpus), "--teacher", str(tiny_teacher), "--store",
+                            str(store), *EXTRACT], ray_address)
+    return store, out
+
+
+def test_extract_records_every_video(extracted):
+    store, out = extracted
+    assert out["videos_total"] == 16
+    assert out["videos_ok"] == 12 and out["videos_failed"] == 4
+    assert set(out["failures_by_reason"]) <= {"empty_file", "not_a_video", "missing", "corrupt"}
+    assert sum(out["failures_by_reason"].values()) == 4
+    assert out["samples"] == 12 * 3 and out["frames_computed"] == 36 * 8 and out["frames_reused"] == 0
+    key = out["key"]
+    fails = pq.read_table(store / key / "failures.parquet").to_pylist()
+    assert {Path(f["source"]).stem for f in fails} == {"empty", "text", "random", "missing"}
+    assert all(f["message"] and f["stage"] for f in fails)
+
+
+def test_store_follows_the_format(extracted):
+    store, out = extracted
+    kdir = store / out["key"]
+    manifest = json.loads((kdir / "manifest.json").read_text())
+    assert manifest["teacher"]["class"] == "CLIPVisionModelWithProjection"
+    assert manifest["teacher"]["output_used"] == "image_embeds" and len(manifest["teacher"]["weights_sha256"]) == 64
+    index = pq.read_table(kdir / "index.parquet").to_pylist()
+    assert len(index) == out["samples"]
+    assert all(len(r["frame_indices"]) == 8 and len(r["timestamps"]) == 8 for r in index)
+    assert {dict(r["labels"])["direction"] for r in index} <= {"left", "right", "up", "down"}  # a parquet map
+    urls = sorted(str(kdir / s["name"]) for s in manifest["shards"])
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    assert len(samples) == out["samples"]
+    targets = npy_load(samples[0]["teacher.npy"])
+    assert targets.dtype == np.float16 and targets.shape == (8, 16)
+
+
+def test_stored_targets_match_the_teacher_recomputed_on_stored_frames(extracted, tiny_teacher):
+    store, out = extracted
+    kdir = store / out["key"]
+    manifest = json.loads((kdir / "manifest.json").read_text())
+    teacher = load_teacher(TeacherSpec(model=str(tiny_teacher)), device="cpu")
+    stored, fresh = [], []
+    for s in wds.WebDataset(sorted(str(kdir / x["name"]) for x in manifest["shards"]), shardshuffle=False):
+        frames = decode_frames(s["frames.jpg"], "jpeg", 8)
+        stored.append(npy_load(s["teacher.npy"]).astype(np.float32))
+        fresh.append(teacher.embed(frames).embeds.numpy())
+    stored, fresh = np.concatenate(stored), np.concatenate(fresh)
+    mean = fresh.mean(0)
+    a, b = stored - mean, fresh - mean
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.999, cos.min()
+
+
+def test_second_extract_reuses_everything(extracted, corpus, tiny_teacher, ray_address):
+    store, first = extracted
+    rc, out, _ = run_cli(["extract", "--videos", str(corpus), "--teacher", str(tiny_teacher), "--store", str(store),
+                          *EXTRACT], ray_address)
+    assert out["key"] == first["key"]
+    assert out["frames_computed"] == 0 and out["frames_reused"] == first["frames_computed"]
+    assert out["samples"] == first["samples"]
+    rc, verify, _ = run_cli(["store", "verify", str(store), out["key"], "--json"])
+    assert verify["ok"]
+
+
+def test_train_on_two_ray_workers_then_eval(extracted, ray_address, tmp_path):
+    store, ex = extracted
+    key = ex["key"]
+    rc, train, err = run_cli(["train", "--store", str(store), "--key", key, "--out", str(tmp_path / "run"),
+                              "--steps", "4", "--workers", "2", "--json", "--set", "student.image_size=32",
+                              "--set", "data.batch_size=4", "--set", "checkpoint_every=2",
+                              "--set", "data.heldout_fraction=0.25"], ray_address)
+    assert train["steps"] == 4 and train["loss_first"] > 0 and train["loss_last"] > 0
+    ckpt = train["checkpoint"]
+    assert os.path.exists(os.path.join(ckpt, "student", "model.safetensors"))
+    rc, ev, _ = run_cli(["eval", "--checkpoint", ckpt, "--store", str(store), "--key", key, "--json"])
+    assert ev["n"] > 0 and set(ev["per_label"]) == {"shape", "colour", "direction"}
+    for name in ("student_knn", "teacher_knn"):
+        assert 0.0 <= ev[name] <= 1.0
+
+
+def test_train_finds_the_key_from_teacher_and_sampling_or_says_what_to_run(extracted, tiny_teacher, tmp_path):
+    store, ex = extracted
+    rc, out, err = run_cli(["train", "--store", str(store), "--teacher", str(tiny_teacher), "--fps", "12",
+                            "--segment-frames", "8", "--out", str(tmp_path / "r"), "--steps", "1", "--json",
+                            "--set", "student.image_size=32", "--set", "data.batch_size=2"])
+    assert out["key"] == ex["key"]
+    rc, out, err = run_cli(["train", "--store", str(store), "--teacher", str(tiny_teacher), "--fps", "6",
+                            "--out", str(tmp_path / "r2"), "--json"], check=False)
+    assert rc != 0 and "subsume extract" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_killed_extraction_resumes_without_loss_or_duplicates(corpus, tiny_teacher, ray_address, tmp_path):
+    store = tmp_path / "store"
+    args = ["extract", "--videos", str(corpus), "--teacher", str(tiny_teacher), "--store", str(store),
+            "--fps", "12", "--segment-frames", "8", "--samples-per-shard", "2", "--commit-every", "1", "--json",
+            "--quiet"]
+    proc = subprocess.Popen([str(VENV_BIN / "subsume"), *args], env=cli_env(ray_address),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(store.glob("*/snapshots/00000001.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    key = next(store.glob("*/spec.json")).parent.name
+    before = FeatureStore(str(store)).open(key)
+    assert 0 < before.index.num_rows < 36, "the run finished before it could be killed"
+    rc, out, _ = run_cli(args, ray_address)
+    snap = FeatureStore(str(store)).open(key)
+    keys = snap.index.column("sample_key").to_pylist()
+    assert len(keys) == len(set(keys)) == 36
+    assert out["frames_computed"] + out["frames_reused"] == 36 * 8
+    rc, verify, _ = run_cli(["store", "verify", str(store), key, "--json"])
+    assert verify["ok"]
