@@ -8,6 +8,7 @@ since its last commit and a rerun finishes the rest.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections import Counter, defaultdict
@@ -259,6 +260,9 @@ def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, ke
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress line says what matters
+    for handler in logging.getLogger("ray.data").handlers:  # console only; ray-data.log keeps everything
+        if type(handler).__name__ == "PlainRayHandler":
+            handler.setLevel(logging.WARNING)
     ctx.execution_options.preserve_order = False
     cpus, gpus = _cluster_resources()
     use_gpu = gpus >= 1 and cfg.device in ("auto", "cuda")

@@ -16,6 +16,10 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_DEFAULT_REGION", "AWS_REGION", "HF_TOKEN", "HF_HOME", "HF_HUB_OFFLINE")
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Join RAY_ADDRESS / --ray-address if given, else start a local Ray for this process."""
     import ray
@@ -23,14 +27,14 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True, "include_dashboard": False,
-                              "logging_level": "WARNING"}
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True, "logging_level": "WARNING"}
+    # Storage credentials reach the cluster's workers with the job (pods on Kubernetes have them already).
+    forwarded = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV}
+    if forwarded:
+        kwargs["runtime_env"] = {"env_vars": forwarded}
     addr = address or os.environ.get("RAY_ADDRESS")
-    import logging
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own progress line says what matters
     if addr:
-        ray.init(address=addr, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+        ray.init(address=addr, **kwargs)
     else:
         ray.init(**kwargs)
 
@@ -144,10 +148,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if cfg.workers > 1 or cfg.use_gpu:
         ensure_ray(args.ray_address)
     try:
-        return run_train(cfg, args.store, key, args.out, storage_options=args.storage_options,
-                         storage_path=args.storage_path, log=(lambda m: None) if args.quiet else _err)
+        result = run_train(cfg, args.store, key, args.out, storage_options=args.storage_options,
+                           storage_path=args.storage_path, log=(lambda m: None) if args.quiet else _err)
     except (KeyNotFound, ValueError) as e:
         raise CliError(str(e)) from e
+    result.pop("loss_history", None)  # in OUT/metrics.jsonl; too long for a summary line
+    return result
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:

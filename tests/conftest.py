@@ -36,7 +36,7 @@ def ray_address():
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     port = _free_port()
     env = {**os.environ, **RAY_TEST_ENV}
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4",
                     "--disable-usage-stats", f"--temp-dir={temp}"], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     address = f"127.0.0.1:{port}"

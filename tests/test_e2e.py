@@ -164,3 +164,79 @@ def test_killed_extraction_resumes_without_loss_or_duplicates(corpus, tiny_teach
     assert out["frames_computed"] + out["frames_reused"] == 36 * 8
     rc, verify, _ = run_cli(["store", "verify", str(store), key, "--json"])
     assert verify["ok"]
+
+
+def test_cached_and_online_targets_give_the_same_losses(extracted, tmp_path):
+    """Same seed, same data order: the teacher in the loop reproduces the cached run to float16 error."""
+    from training.config import DataConfig, TrainConfig
+    from training.models import StudentConfig
+    from training.train import run_train
+
+    store, ex = extracted
+
+    def cfg(targets):
+        return TrainConfig(steps=5, checkpoint_every=5, log_every=1, targets=targets,
+                           student=StudentConfig(frames=4, image_size=32),
+                           data=DataConfig(view_frames=4, batch_size=4, heldout_fraction=0.25))
+
+    cached = run_train(cfg("cached"), str(store), ex["key"], str(tmp_path / "cached"), in_process=True)
+    online = run_train(cfg("online"), str(store), ex["key"], str(tmp_path / "online"), in_process=True)
+    a, b = np.array(cached["loss_history"]), np.array(online["loss_history"])
+    assert len(a) == len(b) == 5
+    np.testing.assert_allclose(a, b, rtol=5e-3)
+    assert not np.array_equal(a, b)  # float16 storage does leave a trace: the two paths really differ
+
+
+def test_ray_dataset_and_torch_reader_yield_the_same_samples(extracted, ray_session):
+    from feature_store.reader import iter_samples, ray_dataset
+
+    store, ex = extracted
+    st = FeatureStore(str(store))
+    snap = st.open(ex["key"])
+    torch_side = {s["sample_key"]: s for s in iter_samples(st, snap)}
+    ray_side = {r["sample_key"]: r for r in ray_dataset(str(store), ex["key"]).take_all()}
+    assert torch_side.keys() == ray_side.keys()
+    k = next(iter(torch_side))
+    assert np.array_equal(torch_side[k]["targets"], ray_side[k]["targets"])
+    assert np.array_equal(torch_side[k]["frames"], ray_side[k]["frames"])
+    assert json.loads(ray_side[k]["labels"]) == torch_side[k]["labels"]
+
+
+def test_embed_writes_student_embeddings_for_new_videos(extracted, corpus, tmp_path):
+    from training.config import DataConfig, TrainConfig
+    from training.models import StudentConfig
+    from training.train import run_train
+
+    store, ex = extracted
+    res = run_train(TrainConfig(steps=1, checkpoint_every=1, student=StudentConfig(frames=4, image_size=32),
+                                data=DataConfig(view_frames=4, batch_size=2, heldout_fraction=0.25)),
+                    str(store), ex["key"], str(tmp_path / "run"), in_process=True)
+    out = tmp_path / "emb.parquet"
+    rc, res, _ = run_cli(["embed", "--checkpoint", res["checkpoint"], "--videos", str(corpus), "--out", str(out),
+                          "--json"])
+    table = pq.read_table(out).to_pylist()
+    ok = [r for r in table if not r["error"]]
+    assert res["videos"] == 16 and len(ok) == 12 * 3
+    assert all(len(r["embedding"]) == res["dim"] for r in ok)
+    assert {r["video_id"] for r in table if r["error"]} == {"empty", "text", "random", "missing"}
+
+
+def test_ray_train_worker_death_resumes_to_the_same_weights(extracted, ray_address, tmp_path):
+    """A Ray Train worker process dies after the first checkpoint; FailureConfig restarts the group from it
+    and the run ends with the same weights as an unbroken one."""
+    store, ex = extracted
+    args = ["train", "--store", str(store), "--key", ex["key"], "--steps", "6", "--workers", "2", "--json",
+            "--set", "student.image_size=32", "--set", "student.frames=4", "--set", "data.view_frames=4",
+            "--set", "data.batch_size=2", "--set", "checkpoint_every=3", "--set", "data.heldout_fraction=0.25"]
+    _, straight, _ = run_cli([*args, "--out", str(tmp_path / "a")], ray_address)
+    env_crash = {"SUBSUME_TEST_CRASH_AFTER_STEP": "3"}
+    os.environ.update(env_crash)
+    try:
+        _, crashed, err = run_cli([*args, "--out", str(tmp_path / "b")], ray_address)
+    finally:
+        os.environ.pop("SUBSUME_TEST_CRASH_AFTER_STEP")
+    assert (tmp_path / "b" / ".test-crash-done").exists() and "resumed at step 3" in err
+    a = torch.load(os.path.join(straight["checkpoint"], "state.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(crashed["checkpoint"], "state.pt"), weights_only=True)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

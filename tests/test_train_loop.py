@@ -99,3 +99,11 @@ def test_config_yaml_and_overrides(tmp_path):
     assert config_from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError):
         config_from_dict(apply_overrides({}, ["optim.lr_typo=1"]))
+
+
+@pytest.mark.parametrize("name", ["train-small.yaml", "train-vit-small.yaml", "byol-baseline.yaml"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / name))
+    assert cfg.steps > 0 and cfg.student.image_size == 224

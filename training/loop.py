@@ -43,6 +43,8 @@ class DataSource:
     target_std: list[float] = field(default_factory=list)
     teacher_model: str = ""  # for online targets
     teacher_revision: str | None = None
+    teacher_fingerprint: str = ""
+    teacher_precision: str = "fp32"
     image_size: int = 0
     segment_frames: int = 0
     embed_dim: int = 0
@@ -57,6 +59,7 @@ class WorkerEnv:
     report: Callable[[dict[str, Any], str | None], None] = lambda metrics, ckpt: None
     restore_dir: str | None = None  # a checkpoint folder to continue from
     out_dir: str | None = None  # where rank 0 writes metrics.jsonl and TensorBoard logs
+    crash_after_step: int = 0  # tests only: rank 0's process dies once, right after this step's checkpoint
 
 
 class ObjectiveModule(nn.Module):
@@ -79,9 +82,10 @@ class ObjectiveModule(nn.Module):
     def student_module(self) -> nn.Module:
         return self.student if self.objective == "iboot" else self.byol.student
 
-    def forward(self, v1: torch.Tensor, v2: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None):
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None,
+                offset: torch.Tensor | None = None):
         if self.objective == "iboot":
-            return iboot_loss(self.student, self.head, v1, v2, t1, t2, self.weights)
+            return iboot_loss(self.student, self.head, v1, v2, t1, t2, self.weights, offset=offset)
         return self.byol(v1, v2)
 
 
@@ -128,7 +132,8 @@ def make_views(frames: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, ge
     idx = starts[..., None] + torch.arange(length)  # [2, B, L]
     rows = torch.arange(b)[:, None]
     views = [(frames[rows, idx[k]], targets[rows, idx[k]]) for k in range(2)]
-    return views
+    offset = (starts[1] - starts[0]).float() / length  # where view 2 is relative to view 1, in window lengths
+    return views, offset
 
 
 def collate(samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,6 +150,24 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+
+
+def _mean_over_workers(terms: dict[str, float], env: WorkerEnv) -> dict[str, float]:
+    """Logged losses are the mean over all workers' batches, not rank 0's alone."""
+    import torch.distributed as dist
+
+    if env.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return terms
+    t = torch.tensor(list(terms.values()), dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return dict(zip(terms, (t / env.world_size).tolist()))
+
+
+def _crash_once(marker: str) -> None:
+    """Simulate a worker dying (no exception, no cleanup), once per run folder."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
 
 
 def train_worker(cfg: TrainConfig, src: DataSource, env: WorkerEnv, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -173,8 +196,12 @@ def train_worker(cfg: TrainConfig, src: DataSource, env: WorkerEnv, log: Callabl
         from feature_store.spec import TeacherSpec
         from feature_store.teacher import load_teacher
 
-        teacher = load_teacher(TeacherSpec(model=cfg.teacher or src.teacher_model, revision=src.teacher_revision),
+        teacher = load_teacher(TeacherSpec(model=cfg.teacher or src.teacher_model, revision=src.teacher_revision,
+                                           precision=src.teacher_precision),
                                size=src.image_size, device=str(env.device))
+        if not cfg.teacher and teacher.fingerprint != src.teacher_fingerprint:
+            raise ValueError(f"the teacher at {src.teacher_model} is not the one that made {src.key} (weights "
+                             "changed since extraction); pass --set teacher=... to compare with another on purpose")
     mean = torch.tensor(src.target_mean, dtype=torch.float32, device=env.device)
     std = torch.tensor(src.target_std, dtype=torch.float32, device=env.device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -209,7 +236,7 @@ def train_worker(cfg: TrainConfig, src: DataSource, env: WorkerEnv, log: Callabl
                 batch.append(s)
             frames, targets = collate(batch)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + env.rank)
-            (f1, y1), (f2, y2) = make_views(frames, targets, cfg, gen)
+            ((f1, y1), (f2, y2)), offset = make_views(frames, targets, cfg, gen)
             v1 = video_to_input(f1.to(env.device), cfg.student)
             v2 = video_to_input(f2.to(env.device), cfg.student)
             t1 = t2 = None
@@ -222,7 +249,7 @@ def train_worker(cfg: TrainConfig, src: DataSource, env: WorkerEnv, log: Callabl
             t1_ = time.perf_counter()
             data_time += t1_ - t0
             with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, terms = model(v1, v2, t1, t2)
+                loss, terms = model(v1, v2, t1, t2, offset.to(env.device))
             scaler.scale(loss / cfg.optim.grad_accum).backward()
             for k, v in terms.items():
                 terms_acc[k] = terms_acc.get(k, 0.0) + v / cfg.optim.grad_accum
@@ -237,6 +264,7 @@ def train_worker(cfg: TrainConfig, src: DataSource, env: WorkerEnv, log: Callabl
         if cfg.objective == "byol":
             module.byol.update_ema(cosine_momentum(step, cfg.steps, base=cfg.byol_momentum))
         step += 1
+        terms_acc = _mean_over_workers(terms_acc, env)
         step_time += time.perf_counter() - t2_
         window_samples += micro * cfg.optim.grad_accum * env.world_size
         history.append(terms_acc["loss"])
@@ -275,6 +303,8 @@ def train_worker(cfg: TrainConfig, src: DataSource, env: WorkerEnv, log: Callabl
                                    "version": src.version, "config": cfg.to_dict()}, f, indent=1)
                     ckpt = tmp
                 env.report(metrics or {"step": step, "loss": terms_acc["loss"]}, ckpt)
+            if env.crash_after_step == step and env.rank == 0 and env.out_dir:
+                _crash_once(os.path.join(env.out_dir, ".test-crash-done"))
     if writer:
         writer.close()
     if tb is not None:

@@ -74,6 +74,16 @@ class MLP(nn.Module):
         return self.net(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)  # BatchNorm1d wants [N, C]
 
 
+OFFSET_FREQS = 8
+
+
+def fourier_features(x: Tensor, n: int = OFFSET_FREQS) -> Tensor:
+    """[B] -> [B, 2n] sines and cosines of x at octave frequencies (x of order 1)."""
+    freqs = (2.0 ** torch.arange(n, device=x.device, dtype=torch.float32)) * (math.pi / 4)
+    angles = x.float()[:, None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
 class IBootHead(nn.Module):
     """Heads on top of a student: clip projector + predictor into the teacher's space, and a per-frame head.
 
@@ -86,12 +96,18 @@ class IBootHead(nn.Module):
         super().__init__()
         self.projector = MLP(embed_dim, hidden_dim, proj_dim, norm)
         self.predictor = MLP(proj_dim, hidden_dim, target_dim, norm)
+        # Where the other view is in time: the predictor is told the offset between the two windows, so
+        # predicting the other view's teacher embedding needs the clip's motion (direction and speed),
+        # not just its appearance (an average over unknown offsets would only need appearance).
+        self.offset_embed = nn.Sequential(nn.Linear(2 * OFFSET_FREQS, proj_dim), nn.GELU(), nn.Linear(proj_dim, proj_dim))
         self.frame_head = MLP(embed_dim, frame_hidden_dim or hidden_dim // 2, target_dim, norm)
         self.target_dim = target_dim
 
-    def predict_clip(self, clip: Tensor) -> Tensor:
-        """[B, E] -> [B, D_teacher]"""
-        return self.predictor(self.projector(clip))
+    def predict_clip(self, clip: Tensor, offset: Tensor | None = None) -> Tensor:
+        """[B, E] (+ offset [B]: the target window's start minus this window's, in window lengths) -> [B, D]"""
+        if offset is None:
+            offset = torch.zeros(clip.shape[0], device=clip.device)
+        return self.predictor(self.projector(clip) + self.offset_embed(fourier_features(offset)))
 
     def predict_frames(self, frames: Tensor) -> Tensor:
         """[B, T, E] -> [B, T, D_teacher]"""
@@ -127,11 +143,14 @@ def _student_pair(student: nn.Module, view1: Tensor, view2: Tensor) -> tuple[Any
 
 
 def iboot_loss(student: nn.Module, head: IBootHead, view1: Tensor, view2: Tensor, targets1: Tensor,
-               targets2: Tensor, weights: LossWeights | None = None) -> tuple[Tensor, dict[str, float]]:
+               targets2: Tensor, weights: LossWeights | None = None,
+               offset: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """The iBoot loss on two temporal windows of the same samples.
 
     view_i: student inputs [B, L_i, 3, H, W]; targets_i: normalised teacher embeddings [B, L_i, D] of exactly
-    those frames. Returns the weighted loss and float diagnostics: each term (summed over both views), and
+    those frames. offset [B]: view2's start minus view1's, in frames divided by the window length (None: 0);
+    the predictor is conditioned on it (and on -offset for the other direction), so the cross term asks what
+    the teacher will see *at that time*, which takes motion. Returns the weighted loss and float diagnostics: each term (summed over both views), and
     mean cosines between predictions and targets (cos_*). Every term stays in the graph, multiplied by its
     weight even when that is 0, so all head parameters get gradients (DDP needs no find_unused_parameters).
     """
@@ -141,13 +160,16 @@ def iboot_loss(student: nn.Module, head: IBootHead, view1: Tensor, view2: Tensor
             raise ValueError(f"targets{name} {tuple(t.shape)} do not match view{name} {tuple(v.shape)}: "
                              "need [B, L, D] for the same B and L")
     (c1, f1), (c2, f2) = _student_pair(student, view1, view2)
-    p1, p2 = head.predict_clip(c1), head.predict_clip(c2)
+    if offset is None:
+        offset = torch.zeros(view1.shape[0], device=view1.device)
+    p1, p2 = head.predict_clip(c1, offset), head.predict_clip(c2, -offset)  # each predicts the OTHER view
+    s1, s2 = head.predict_clip(c1), head.predict_clip(c2)  # each predicts its own view (offset 0)
     z1, z2 = targets1.float().mean(dim=1), targets2.float().mean(dim=1)
     q1, q2 = head.predict_frames(f1), head.predict_frames(f2)
 
     cross1, cross2 = nmse(p1, z2), nmse(p2, z1)
     frame1, frame2 = nmse(q1, targets1), nmse(q2, targets2)  # [B, L_i]
-    same1, same2 = nmse(p1, z1), nmse(p2, z2)
+    same1, same2 = nmse(s1, z1), nmse(s2, z2)
     cross = cross1.mean() + cross2.mean()
     frame = frame1.mean() + frame2.mean()
     same = same1.mean() + same2.mean()

@@ -51,7 +51,8 @@ def prepare_run(cfg: TrainConfig, root: str, key: str, out: str, storage_options
     mean, std = snap.target_mean_std()
     src = DataSource(root=root, key=key, version=snap.version, storage_options=dict(storage_options),
                      target_mean=mean.tolist(), target_std=std.tolist(), teacher_model=spec.teacher.model,
-                     teacher_revision=spec.teacher.revision, image_size=spec.preprocess.crop,
+                     teacher_revision=spec.teacher.revision, teacher_fingerprint=spec.teacher_fingerprint,
+                     teacher_precision=spec.teacher.precision, image_size=spec.preprocess.crop,
                      segment_frames=spec.sampling.segment_frames, embed_dim=spec.embed_dim)
     if cfg.student.image_size != spec.preprocess.crop:
         raise ValueError(f"student.image_size {cfg.student.image_size} != the KEY's frame size "
@@ -104,7 +105,8 @@ def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     def run(restore_dir: str | None) -> dict[str, Any]:
         env = WorkerEnv(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                         device=ray.train.torch.get_device(), prepare=ray.train.torch.prepare_model,
-                        report=report, restore_dir=restore_dir, out_dir=config["out"])
+                        report=report, restore_dir=restore_dir, out_dir=config["out"],
+                        crash_after_step=config.get("crash_after_step", 0))
         return train_worker(cfg, src, env, log=lambda m: print(m, flush=True))
 
     if restore is not None:
@@ -125,7 +127,9 @@ def run_ray(cfg: TrainConfig, src: DataSource, out: str, run_name: str, storage_
     storage_path = storage_path or os.path.abspath(os.path.join(out, "ray"))
     trainer = TorchTrainer(
         _ray_train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "src": asdict(src), "out": os.path.abspath(out)},
+        train_loop_config={"cfg": cfg.to_dict(), "src": asdict(src), "out": os.path.abspath(out),
+                           # a test seam for worker failure (FailureConfig); never set in normal use
+                           "crash_after_step": int(os.environ.get("SUBSUME_TEST_CRASH_AFTER_STEP", "0"))},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -146,13 +150,12 @@ def run_train(cfg: TrainConfig, root: str, key: str, out: str, *, storage_option
         summary = run_in_process(cfg, src, out, log)
     else:
         summary = run_ray(cfg, src, out, run["run_name"], storage_path)
-    history = summary.pop("loss_history", [])
     if summary.get("checkpoint"):
         write_curves(out, log)
     return {"out": os.path.abspath(out), "run_name": run["run_name"], "key": key, "version": src.version,
             "manifest_sha256": run["manifest_sha256"], "objective": cfg.objective, "targets": cfg.targets,
             "workers": cfg.workers, **summary, "export": os.path.join(summary["checkpoint"], EXPORT_DIR)
-            if summary.get("checkpoint") else None, "losses_logged": len(history)}
+            if summary.get("checkpoint") else None}
 
 
 def write_curves(out: str, log: Callable[[str], None] = _log) -> str | None:
