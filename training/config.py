@@ -56,6 +56,7 @@ class TrainConfig:
     teacher: str | None = None  # for targets=online: override the KEY's teacher
     checkpoint_every: int = 50
     log_every: int = 10
+    eval_every: int = 0  # > 0: rank 0 logs held-out kNN accuracy per label every N steps (knn_<label>)
     max_failures: int = 2  # Ray Train FailureConfig: worker restarts from the last checkpoint
     byol_momentum: float = 0.99
     student: StudentConfig = field(default_factory=StudentConfig)

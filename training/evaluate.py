@@ -103,6 +103,28 @@ def linear_probe_accuracy(train_x: np.ndarray, train_y: list[str], test_x: np.nd
     return float(np.mean([classes[p] == y for p, y in zip(pred, test_y)]))
 
 
+class KnnProbe:
+    """Held-out kNN accuracy of a student during training: the labelled splits are loaded once."""
+
+    def __init__(self, store: FeatureStore, key: str, *, frames: int, heldout_fraction: float,
+                 version: int | None = None, k: int = 5):
+        self.train = load_split(store, key, "train", frames=frames, heldout_fraction=heldout_fraction, version=version)
+        self.test = load_split(store, key, "heldout", frames=frames, heldout_fraction=heldout_fraction, version=version)
+        self.k = k
+
+    def __call__(self, student: torch.nn.Module, cfg: StudentConfig) -> dict[str, float]:
+        if not self.test.labels:
+            return {}
+        was_training = student.training
+        xtr = embed_clips(student, cfg, self.train.student_inputs)
+        xte = embed_clips(student, cfg, self.test.student_inputs)
+        student.train(was_training)
+        out = {f"knn_{n}": knn_accuracy(xtr, self.train.labels[n], xte, self.test.labels[n], self.k)
+               for n in sorted(self.test.labels)}
+        out["knn_mean"] = float(np.mean(list(out.values())))
+        return out
+
+
 def evaluate(checkpoint: str, root: str, key: str, *, storage_options: dict[str, Any] | None = None, k: int = 5,
              heldout_fraction: float = 0.2, version: int | None = None, seed: int = 0) -> dict[str, Any]:
     import os

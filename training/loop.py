@@ -23,6 +23,7 @@ from torch import nn
 
 from feature_store.reader import SplitFilter, iter_samples
 from feature_store.store import FeatureStore
+from training.augment import augment_views, check_config, crops_enabled
 from training.config import TrainConfig
 from training.models import build_student, save_student, unwrap_model, video_to_input
 from training.objective import BYOLBaseline, IBootHead, cosine_momentum, iboot_loss, normalize_targets
@@ -218,6 +219,17 @@ def train_worker(cfg: TrainConfig, src: DataSource, env: WorkerEnv, log: Callabl
         except ImportError:  # TensorBoard is optional at run time
             tb = None
 
+    check_config(cfg.augment)
+    if crops_enabled(cfg.augment):
+        raise ValueError("augment.random_crop_scale < 1 needs patch-mean targets, which the training loop does not "
+                         "wire up yet (and crops measured inconsistent with both teachers tried: docs/method.md)")
+    augmenting = cfg.augment.brightness > 0
+    probe = None
+    if cfg.eval_every and env.rank == 0:
+        from training.evaluate import KnnProbe
+
+        probe = KnnProbe(store, src.key, frames=cfg.student.frames, heldout_fraction=cfg.data.heldout_fraction,
+                         version=src.version)
     micro = cfg.data.batch_size
     stream = sample_stream(store, src, cfg, env, epoch, consumed)
     t_last = time.perf_counter()
@@ -237,6 +249,9 @@ def train_worker(cfg: TrainConfig, src: DataSource, env: WorkerEnv, log: Callabl
             frames, targets = collate(batch)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + env.rank)
             ((f1, y1), (f2, y2)), offset = make_views(frames, targets, cfg, gen)
+            if augmenting:  # brightness only: see docs/method.md for what keeps cached targets valid
+                f1, y1 = augment_views(f1, y1, None, cfg.augment, gen)
+                f2, y2 = augment_views(f2, y2, None, cfg.augment, gen)
             v1 = video_to_input(f1.to(env.device), cfg.student)
             v2 = video_to_input(f2.to(env.device), cfg.student)
             t1 = t2 = None
@@ -272,12 +287,15 @@ def train_worker(cfg: TrainConfig, src: DataSource, env: WorkerEnv, log: Callabl
             losses_first = terms_acc["loss"]
 
         checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.steps
-        if step % cfg.log_every == 0 or step == 1 or checkpoint_now:
-            elapsed = time.perf_counter() - t_last
+        t_eval = time.perf_counter()
+        knn = probe(module.student_module, cfg.student) if probe and (step % cfg.eval_every == 0 or step == 1) else {}
+        t_eval = time.perf_counter() - t_eval  # not training time: kept out of samples/s
+        if step % cfg.log_every == 0 or step == 1 or checkpoint_now or knn:
+            elapsed = time.perf_counter() - t_last - t_eval
             metrics = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in terms_acc.items()},
                        "lr": scheduler.get_last_lr()[0], "samples_per_s": round(window_samples / max(elapsed, 1e-9), 2),
                        "data_time_s": round(data_time, 4), "step_time_s": round(step_time, 4),
-                       "data_wait_frac": round(data_time / max(data_time + step_time, 1e-9), 4)}
+                       "data_wait_frac": round(data_time / max(data_time + step_time, 1e-9), 4), **knn}
             if writer:
                 writer.write(json.dumps(metrics) + "\n")
                 writer.flush()
