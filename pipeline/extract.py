@@ -46,6 +46,8 @@ class ExtractConfig:
     progress: bool = True
     commit_every_shards: int = 8
     commit_every_s: float = 30.0
+    max_in_flight: int = 2  # batches queued per actor (bounded memory: decoded frames never pile up)
+    object_store_memory_gb: float | None = None
 
 
 def resolve_feature_spec(cfg: ExtractConfig) -> FeatureSpec:
@@ -105,6 +107,31 @@ def _cluster_resources() -> tuple[float, float]:
     return float(res.get("CPU", 1)), float(res.get("GPU", 0))
 
 
+class Lease:
+    """Keeps this run's lease fresh while it runs, so `store gc` leaves its files alone even when no shard
+    arrives for a long time (a slow teacher, a stuck decoder waiting for its timeout)."""
+
+    def __init__(self, store: FeatureStore, key: str, run_id: str, every_s: float = 60.0):
+        import threading
+
+        self.store, self.key, self.run_id = store, key, run_id
+        self._stop = threading.Event()
+        store.heartbeat(key, run_id)
+        self._thread = threading.Thread(target=self._beat, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _beat(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self.store.heartbeat(self.key, self.run_id)
+            except OSError:  # a missed beat is retried; gc's grace period is much longer
+                pass
+
+    def end(self) -> None:
+        self._stop.set()
+        self.store.end_lease(self.key, self.run_id)
+
+
 class Progress:
     """One line on stderr: videos done/failed of total, frames/s, shards; quiet when disabled."""
 
@@ -154,7 +181,7 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
 
     store.ensure_key(spec)
     run_id = new_run_id()
-    store.heartbeat(key, run_id)
+    lease = Lease(store, key, run_id)
     pending = CommitBatch(run_id=run_id, metadata_updates=plan.metadata_updates)
     for v in plan.unreadable:
         pending.failures.append(json.loads(failure_record(sha256="", source=v.source, stage="read",
@@ -214,7 +241,7 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
                 commit()
     commit(final=True)
     progress.close()
-    store.end_lease(key, run_id)
+    lease.end()
     snap = store.open(key)
 
     wall = time.perf_counter() - t_start
@@ -264,6 +291,9 @@ def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, ke
         if type(handler).__name__ == "PlainRayHandler":
             handler.setLevel(logging.WARNING)
     ctx.execution_options.preserve_order = False
+    if cfg.object_store_memory_gb:
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            object_store_memory=cfg.object_store_memory_gb * 1e9)
     cpus, gpus = _cluster_resources()
     use_gpu = gpus >= 1 and cfg.device in ("auto", "cuda")
     n_teacher = cfg.teacher_actors or (int(gpus) if use_gpu else 1)
@@ -272,14 +302,16 @@ def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, ke
     items = [w.to_row() for w in plan.compute]
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * n_decode))
     ds = ds.map_batches(
-        DecodeStage, batch_size=1, compute=ActorPoolStrategy(min_size=1, max_size=n_decode), num_cpus=1,
+        DecodeStage, batch_size=1, compute=ActorPoolStrategy(min_size=1, max_size=n_decode, max_tasks_in_flight_per_actor=cfg.max_in_flight),
+        num_cpus=1,
         fn_constructor_kwargs=dict(sampling=asdict(spec.sampling), preprocess=asdict(spec.preprocess),
                                    storage=asdict(spec.storage), timeout_s=cfg.decode_timeout,
                                    storage_options=cfg.storage_options),
     )
     ds = ds.map_batches(
         TeacherStage, batch_size=max(1, cfg.batch_size // spec.sampling.segment_frames),
-        compute=ActorPoolStrategy(size=n_teacher), num_gpus=1 if use_gpu else 0,
+        compute=ActorPoolStrategy(size=n_teacher, max_tasks_in_flight_per_actor=cfg.max_in_flight),
+        num_gpus=1 if use_gpu else 0,
         num_cpus=0.5 if use_gpu else teacher_cpus,
         fn_constructor_kwargs=dict(teacher=asdict(cfg.teacher), size=cfg.size,
                                    device="cuda" if use_gpu else ("cpu" if cfg.device == "auto" else cfg.device),

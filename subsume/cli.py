@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher actor pool size (default: one per GPU, else 1)")
     r.add_argument("--decode-concurrency", type=int, default=None,
                    help="max decode tasks in flight (default: CPUs left after the teacher actors)")
+    r.add_argument("--max-in-flight", type=int, default=2, metavar="N",
+                   help="batches queued per decode/teacher actor: enough to hide latency, small enough that "
+                        "decoded frames never pile up in memory (default 2)")
+    r.add_argument("--object-store-memory", type=float, default=None, metavar="GB",
+                   help="cap on Ray Data's object store use for this job (default: Ray's own limit)")
     r.add_argument("--samples-per-shard", type=int, default=64, help="samples per shard (default 64)")
     r.add_argument("--commit-every", type=int, default=8, metavar="SHARDS",
                    help="commit to the store after this many new shards (and every 30 s); a killed run "

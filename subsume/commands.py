@@ -67,7 +67,8 @@ def extract_config(args: argparse.Namespace):
         max_failure_fraction=args.max_failure_fraction, max_attempts=args.max_attempts,
         decode_timeout=args.decode_timeout, batch_size=args.batch_size, teacher_actors=args.teacher_actors,
         decode_concurrency=args.decode_concurrency, samples_per_shard=args.samples_per_shard,
-        commit_every_shards=args.commit_every,
+        commit_every_shards=args.commit_every, max_in_flight=args.max_in_flight,
+        object_store_memory_gb=args.object_store_memory,
         device=args.device, dry_run=args.dry_run, storage_options=args.storage_options,
         progress=not args.quiet)
 
@@ -117,6 +118,7 @@ def _find_key(args: argparse.Namespace) -> str:
                                                "max_attempts": 3, "decode_timeout": 0, "batch_size": 1,
                                                "teacher_actors": None, "decode_concurrency": None,
                                                "samples_per_shard": 1, "commit_every": 8, "device": "cpu",
+                                               "max_in_flight": 2, "object_store_memory": None,
                                                "dry_run": True}))
     spec = resolve_feature_spec(cfg)
     store = FeatureStore(args.store, args.storage_options)
