@@ -172,31 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     # store -----------------------------------------------------------------------------------------------
     p = sub.add_parser("store", help="list, inspect, verify and clean a feature store")
     ssub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
-    s = ssub.add_parser("ls", help="list KEYs with their teacher and sample counts")
-    s.add_argument("root", metavar="ROOT")
-    _add_storage(s)
-    _add_common(s)
-    s.set_defaults(handler="subsume.commands:cmd_store_ls")
-    s = ssub.add_parser("inspect", help="teacher, settings, counts, size, failures and fidelity of a KEY")
-    s.add_argument("root", metavar="ROOT")
-    s.add_argument("key", metavar="KEY")
-    _add_storage(s)
-    _add_common(s)
-    s.set_defaults(handler="subsume.commands:cmd_store_inspect")
-    s = ssub.add_parser("verify", help="re-read every shard; exit non-zero on any damage")
-    s.add_argument("root", metavar="ROOT")
-    s.add_argument("key", metavar="KEY")
-    _add_storage(s)
-    _add_common(s)
-    s.set_defaults(handler="subsume.commands:cmd_store_verify")
-    s = ssub.add_parser("gc", help="remove leftovers of killed jobs; optionally whole KEYs")
-    s.add_argument("root", metavar="ROOT")
+    def store_action(name: str, help: str, with_key: bool) -> argparse.ArgumentParser:
+        a = ssub.add_parser(name, help=help, description=help)
+        a.add_argument("root", metavar="ROOT", help="store root: a folder or an fsspec URL (s3://...)")
+        if with_key:
+            a.add_argument("key", metavar="KEY", help="feature KEY (see `subsume store ls ROOT`)")
+        _add_storage(a)
+        _add_common(a)
+        a.set_defaults(handler=f"subsume.commands:cmd_store_{name}")
+        return a
+
+    store_action("ls", "list KEYs with their teacher and sample counts", with_key=False)
+    store_action("inspect", "teacher, settings, counts, size, failures and fidelity of a KEY", with_key=True)
+    store_action("verify", "re-read every shard; exit non-zero on any damage", with_key=True)
+    s = store_action("gc", "remove leftovers of killed jobs; optionally whole KEYs", with_key=False)
     s.add_argument("--delete-key", action="append", default=[], metavar="KEY", help="also delete this KEY entirely")
     s.add_argument("--grace", type=float, default=3600.0,
                    help="seconds a leftover must be older than (and its writer's lease expired) (default 3600)")
-    _add_storage(s)
-    _add_common(s)
-    s.set_defaults(handler="subsume.commands:cmd_store_gc")
 
     # demo ------------------------------------------------------------------------------------------------
     p = sub.add_parser("demo", help="generate sample videos and a demo teacher, then extract, train and eval",

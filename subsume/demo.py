@@ -17,8 +17,9 @@ from typing import Any
 
 from feature_store.spec import SamplingSpec, StorageSpec, TeacherSpec
 
-DEMO_VIDEOS = 144  # 3 shapes x 3 colours x 4 directions, 4 of each
-DEMO_FPS = 12.0
+DEMO_VIDEOS = 288  # 3 shapes x 3 colours x 4 directions, 8 of each
+VIDEO_FPS = 12.0  # the sample videos: 48 frames at 12 fps, the shape crossing much of the frame
+DEMO_FPS = 4.0  # sampled at 4 fps: one 16-frame segment spans the whole motion, so views far apart differ
 DEMO_SEGMENT = 16
 
 
@@ -55,13 +56,13 @@ def run_demo(workdir: str, *, steps: int | None = None, workers: int | None = No
     manifest = os.path.join(videos_dir, "manifest.csv")
     if not os.path.exists(manifest):
         say(f"[1/5] generating {DEMO_VIDEOS} labelled sample videos (H.264 .mp4) in {videos_dir}")
-        generate_videos(videos_dir, DEMO_VIDEOS, seed=0, size=64, frames=48, fps=DEMO_FPS)
+        generate_videos(videos_dir, DEMO_VIDEOS, seed=0, size=64, frames=48, fps=VIDEO_FPS)
     else:
         say(f"[1/5] sample videos already in {videos_dir}")
     say(f"[2/5] demo teacher in {teacher_dir} (trained once on single frames: shape, colour, position)")
     build_demo_teacher(teacher_dir, seed=0, image_size=64, log=say)
 
-    say("[3/5] extracting: decode -> sample at 12 fps -> 16-frame segments -> teacher (once) -> shards")
+    say("[3/5] extracting: decode -> sample at 4 fps -> 16-frame segments -> teacher (once) -> shards")
     extract = run_extract(ExtractConfig(
         videos=manifest, store=store_root, teacher=TeacherSpec(model=os.path.abspath(teacher_dir)),
         sampling=SamplingSpec(fps=DEMO_FPS, segment_frames=DEMO_SEGMENT), storage=StorageSpec(),

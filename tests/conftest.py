@@ -136,3 +136,34 @@ def sample_videos(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("videos")
     return Path(generate_videos(out, 12, seed=1, size=48, frames=24, fps=12.0))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint: moto's server on 127.0.0.1 (conditional writes included)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    """The standard AWS environment pointing at the test endpoint, and a fresh bucket; returns its name."""
+    import uuid
+
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    for k, v in S3_TEST_CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    bucket = f"b-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return bucket

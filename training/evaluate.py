@@ -62,10 +62,12 @@ def _l2n(x: np.ndarray) -> np.ndarray:
 
 
 def knn_accuracy(bank: np.ndarray, bank_y: list[str], query: np.ndarray, query_y: list[str], k: int = 5) -> float:
-    """Cosine kNN with similarity-weighted votes."""
+    """Cosine kNN with similarity-weighted votes, on features standardised with the bank's statistics (so a
+    few high-variance dimensions do not decide every neighbour; the same for every model compared)."""
     if not len(query) or not len(bank):
         return float("nan")
-    sims = _l2n(query) @ _l2n(bank).T
+    mu, sd = bank.mean(0), bank.std(0) + 1e-6
+    sims = _l2n((query - mu) / sd) @ _l2n((bank - mu) / sd).T
     k = min(k, len(bank))
     nn_idx = np.argsort(-sims, axis=1)[:, :k]
     correct = 0

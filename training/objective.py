@@ -99,7 +99,10 @@ class IBootHead(nn.Module):
         # Where the other view is in time: the predictor is told the offset between the two windows, so
         # predicting the other view's teacher embedding needs the clip's motion (direction and speed),
         # not just its appearance (an average over unknown offsets would only need appearance).
-        self.offset_embed = nn.Sequential(nn.Linear(2 * OFFSET_FREQS, proj_dim), nn.GELU(), nn.Linear(proj_dim, proj_dim))
+        # FiLM (scale and shift) rather than a sum: the answer is roughly position + velocity x offset, a
+        # product the predictor then need not build out of an additive input.
+        self.offset_embed = nn.Sequential(nn.Linear(2 * OFFSET_FREQS, proj_dim), nn.GELU(),
+                                          nn.Linear(proj_dim, 2 * proj_dim))
         self.frame_head = MLP(embed_dim, frame_hidden_dim or hidden_dim // 2, target_dim, norm)
         self.target_dim = target_dim
 
@@ -107,7 +110,8 @@ class IBootHead(nn.Module):
         """[B, E] (+ offset [B]: the target window's start minus this window's, in window lengths) -> [B, D]"""
         if offset is None:
             offset = torch.zeros(clip.shape[0], device=clip.device)
-        return self.predictor(self.projector(clip) + self.offset_embed(fourier_features(offset)))
+        scale, shift = self.offset_embed(fourier_features(offset)).chunk(2, dim=-1)
+        return self.predictor(self.projector(clip) * (1 + scale) + shift)
 
     def predict_frames(self, frames: Tensor) -> Tensor:
         """[B, T, E] -> [B, T, D_teacher]"""
