@@ -61,7 +61,7 @@ SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 MAX_RAYJOB_NAME = 47  # KubeRay: RayCluster name limit 53 minus the 6 characters it appends
 SENSITIVE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|API_KEY", re.I)
 LEAKED = re.compile(r"AKIA[0-9A-Z]{16}|hf_[A-Za-z0-9]{30,}|-----BEGIN [A-Z ]*PRIVATE KEY-----")
-FEATURE_FLAGS = ("teacher", "revision", "output", "patch_grid", "size", "fps", "stride", "segment_frames",
+FEATURE_FLAGS = ("teacher", "revision", "output", "patch_grid", "precision", "size", "fps", "stride", "segment_frames",
                  "overlap", "max_frames", "short", "frame_encoding", "target_dtype")
 
 
