@@ -332,7 +332,7 @@ def _architecture_class(config: Any, folder: Path, *, trust_remote_code: bool) -
     for ref in (getattr(config, "auto_map", None) or {}).values():
         if isinstance(ref, str) and ref.rsplit(".", 1)[-1] == name:
             if not trust_remote_code:
-                raise ValueError(f"{name} is remote code; set trust_remote_code=True to run it")
+                raise ValueError(f"{name} is remote code; it runs only with --trust-remote-code (TeacherSpec.trust_remote_code)")
             from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
             return get_class_from_dynamic_module(ref, str(folder))
