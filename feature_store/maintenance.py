@@ -12,7 +12,7 @@ import numpy as np
 
 from . import fsutil
 from .shards import FRAMES_EXT, META_EXT, PATCHES_EXT, TARGETS_EXT, decode_frames, npy_load
-from .store import FeatureStore, Snapshot, sha256_stream, table_rows
+from .store import FeatureStore, sha256_stream, table_rows
 
 
 @dataclass

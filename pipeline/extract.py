@@ -194,12 +194,11 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
     have = {w.sha256: len(w.have_segments) for w in plan.compute}
     progress = Progress(len(plan.compute), cfg.progress)
     last_commit = time.perf_counter()
-    snap = snapshot
 
-    def commit(final: bool = False) -> None:
-        nonlocal pending, last_commit, snap
+    def commit() -> None:
+        nonlocal pending, last_commit
         if not pending.empty():
-            snap = store.commit(key, pending)
+            store.commit(key, pending)
         pending = CommitBatch(run_id=run_id)
         last_commit = time.perf_counter()
 
@@ -239,7 +238,7 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
                 progress.update(done=finished, frames=frames, shards=1)
             if len(pending.shards) >= cfg.commit_every_shards or time.perf_counter() - last_commit > cfg.commit_every_s:
                 commit()
-    commit(final=True)
+    commit()
     progress.close()
     lease.end()
     snap = store.open(key)
@@ -247,8 +246,8 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
     wall = time.perf_counter() - t_start
     n_inputs = len(refs)
     failed = counters["videos_failed"] + len(plan.unreadable) + len(plan.quarantined) + len(expected)
-    for v, why in plan.quarantined:
-        failures_by_reason["quarantined"] += 1
+    if plan.quarantined:
+        failures_by_reason["quarantined"] += len(plan.quarantined)
     frames_computed = counters["frames_computed"]
     result = {
         **base,
