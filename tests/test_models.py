@@ -19,6 +19,7 @@ from training.models import (
     save_student,
     sincos_3d,
     video_to_input,
+    with_temporal_derivative,
 )
 
 
@@ -175,6 +176,69 @@ def test_grad_checkpointing_gives_the_same_result(arch):
         torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
+# --- position and order: coordinate channels, temporal derivative -----------------------------------------
+
+
+def test_coord_channels_give_the_stem_pixel_coordinates():
+    from training.models import _coord_grid
+
+    grid = _coord_grid(torch.zeros(2, 3, 4, 5, 7))
+    assert grid.shape == (2, 2, 4, 5, 7)
+    x, y = grid[0, 0, 0], grid[0, 1, 0]
+    assert x[0, 0] == -1 and x[0, -1] == 1 and torch.equal(x[0], x[-1])  # x runs along the width
+    assert y[0, 0] == -1 and y[-1, 0] == 1 and torch.equal(y[:, 0], y[:, -1])  # y along the height
+    plain = build_student(StudentConfig())
+    coord = build_student(StudentConfig(coord_channels=True))
+    assert plain.stem[0].in_channels == 3 and coord.stem[0].in_channels == 5
+    assert coord(_video(t=3)).frames.shape == (2, 3, coord.embed_dim)
+
+
+def test_coord_channels_are_extra_stem_inputs_and_nothing_else():
+    """With the coordinate weights zeroed, a coord model is exactly the plain one; with them, it differs."""
+    plain = build_student(StudentConfig()).eval()
+    coord = build_student(StudentConfig(coord_channels=True)).eval()
+    state = dict(plain.state_dict())
+    w = state["stem.0.weight"]
+    state["stem.0.weight"] = torch.cat([w, torch.zeros(w.shape[0], 2, *w.shape[2:])], dim=1)
+    coord.load_state_dict(state)
+    v = _video(t=3)
+    with torch.no_grad():
+        torch.testing.assert_close(coord(v).frames, plain(v).frames)
+        coord.stem[0].weight[:, 3:] = 0.1
+        assert not torch.allclose(coord(v).frames, plain(v).frames)
+
+
+def test_temporal_derivative_of_a_ramp_and_its_reversal():
+    steps = torch.arange(5.0)[None, :, None].expand(2, 5, 3)  # [B, T, E], rising by 1 per step
+    out = with_temporal_derivative(steps, dim=1)
+    assert out.shape == (2, 5, 6)
+    torch.testing.assert_close(out[..., 3:], torch.ones(2, 5, 3))
+    rev = with_temporal_derivative(steps.flip(1), dim=1)
+    torch.testing.assert_close(rev[..., 3:].mean(1), -out[..., 3:].mean(1))  # order shows in the mean
+    torch.testing.assert_close(rev[..., :3].mean(1), out[..., :3].mean(1))  # the plain mean is blind to it
+    chan_first = with_temporal_derivative(steps.transpose(1, 2), dim=2)  # [B, E, T]
+    torch.testing.assert_close(chan_first.transpose(1, 2), out)
+    single = with_temporal_derivative(steps[:, :1], dim=1)
+    assert torch.equal(single[..., 3:], torch.zeros(2, 1, 3))
+
+
+@pytest.mark.parametrize("arch", ["r2plus1d", "vit"])
+def test_temporal_derivative_doubles_the_embedding_and_clip_is_the_frame_mean(arch):
+    plain = build_student(StudentConfig(arch=arch))
+    model = build_student(StudentConfig(arch=arch, temporal_derivative=True)).eval()
+    assert model.embed_dim == 2 * plain.embed_dim
+    assert count_parameters(model) == count_parameters(plain)  # parameter-free
+    v = _video(t=8)
+    with torch.no_grad():
+        out = model(v)
+    assert out.clip.shape == (2, model.embed_dim) and out.frames.shape == (2, 8, model.embed_dim)
+    torch.testing.assert_close(out.clip, out.frames.mean(1), atol=1e-5, rtol=1e-5)
+    half = plain.embed_dim
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(out.frames[..., :half], plain.eval()(v).frames)  # the first half is unchanged
+
+
 # --- presets --------------------------------------------------------------------------------------------
 
 
@@ -229,9 +293,10 @@ def test_video_to_input_rejects_float_and_wrong_layout():
 
 @pytest.mark.parametrize("cfg", [
     StudentConfig(arch="r2plus1d", norm="batch"),
+    StudentConfig(arch="r2plus1d", coord_channels=True, temporal_derivative=True),
     StudentConfig(arch="vit", pos_embed="learned", pool="cls"),
     StudentConfig(arch="vit"),
-], ids=["r2plus1d-bn", "vit-learned-cls", "vit-sincos"])
+], ids=["r2plus1d-bn", "r2plus1d-coord-deriv", "vit-learned-cls", "vit-sincos"])
 def test_save_load_roundtrip(tmp_path, cfg):
     model = build_student(cfg)
     model.train()

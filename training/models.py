@@ -69,6 +69,10 @@ class StudentConfig:
     # Stages (from the second) that also halve time, as R(2+1)D-18 does in 3; per-frame outputs are then
     # linearly upsampled back to T. 0 keeps full temporal resolution (about twice the compute of 3).
     temporal_downsample: int = 0
+    # CoordConv (Liu et al. 2018): two extra input channels holding each pixel's x and y in [-1, 1]. A conv
+    # net pooled globally is nearly translation-invariant, so without them it can hardly say WHERE things
+    # are, and the teacher's per-frame embeddings (and the motion between them) are largely about where.
+    coord_channels: bool = False
     # vit
     dim: int | None = None
     depth: int | None = None
@@ -79,6 +83,11 @@ class StudentConfig:
     drop_path: float = 0.0
     # both: trade compute for memory by recomputing blocks in the backward pass
     grad_checkpointing: bool = False
+    # both: append to each per-frame feature its rate of change over time (central differences), doubling
+    # E. The clip embedding, the mean of the per-frame outputs, then holds the net change over the clip as
+    # well as the average: a plain mean is blind to the order of frames (a left-moving clip has the same set
+    # of frames as a right-moving one played backwards), its change is not. Parameter-free.
+    temporal_derivative: bool = False
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(x) for x in self.mean)  # type: ignore[assignment]
@@ -131,6 +140,15 @@ class StudentConfig:
         if unknown:
             raise ValueError(f"unknown StudentConfig fields: {sorted(unknown)}")
         return cls(**d)
+
+
+def with_temporal_derivative(steps: Tensor, dim: int) -> Tensor:
+    """Concatenate per-step features with their derivative along `dim` (time), on the channel dim (-1 when
+    time is dim 1, 1 when time is dim 2): central differences inside, one-sided at the ends, 0 for one step."""
+    channel_dim = 1 if dim == 2 else -1
+    if steps.shape[dim] < 2:
+        return torch.cat([steps, torch.zeros_like(steps)], dim=channel_dim)
+    return torch.cat([steps, torch.gradient(steps, dim=dim)[0]], dim=channel_dim)
 
 
 class StudentOutput(NamedTuple):
@@ -215,6 +233,15 @@ class ResBlock2Plus1d(nn.Module):
         return F.relu(y + self.shortcut(x), inplace=True)
 
 
+def _coord_grid(x: Tensor) -> Tensor:
+    """[B, C, T, H, W] -> [B, 2, T, H, W]: each pixel's x and y, from -1 (left, top) to 1 (right, bottom)."""
+    b, _, t, h, w = x.shape
+    ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # [2, H, W]: x then y
+    return grid[None, :, None].expand(b, 2, t, h, w)
+
+
 class R2Plus1DStudent(nn.Module):
     """R(2+1)D ResNet (Tran et al. 2018); spatial stride 2 in the stem and at the start of stages 2..n, and
     by default no temporal stride (see StudentConfig.temporal_downsample). Per-frame outputs: spatial mean of
@@ -227,8 +254,9 @@ class R2Plus1DStudent(nn.Module):
         widths, blocks = cfg.widths, cfg.blocks
         assert widths is not None and blocks is not None
         stem_mid = _round8(widths[0] * 45 / 64)  # R(2+1)D-18 uses 45 for a 64-wide stem
+        self.coord_channels = cfg.coord_channels
         self.stem = nn.Sequential(
-            nn.Conv3d(3, stem_mid, (1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False),
+            nn.Conv3d(5 if cfg.coord_channels else 3, stem_mid, (1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False),
             _norm3d(cfg.norm, stem_mid),
             nn.ReLU(inplace=True),
             nn.Conv3d(stem_mid, widths[0], (3, 1, 1), padding=(1, 0, 0), bias=False),
@@ -245,7 +273,8 @@ class R2Plus1DStudent(nn.Module):
                 layers.append(ResBlock2Plus1d(c_in, c_out, 2 if down else 1, cfg.norm, time_stride))
                 c_in = c_out
         self.blocks = nn.ModuleList(layers)
-        self.embed_dim = widths[-1]
+        self.temporal_derivative = cfg.temporal_derivative
+        self.embed_dim = widths[-1] * (2 if cfg.temporal_derivative else 1)
         self.grad_checkpointing = cfg.grad_checkpointing
         self._init_weights()
 
@@ -259,13 +288,18 @@ class R2Plus1DStudent(nn.Module):
 
     def forward(self, video: Tensor) -> StudentOutput:
         _check_video(video)
-        x = self.stem(video.transpose(1, 2))  # [B, C, T, H, W]
+        x = video.transpose(1, 2)  # [B, C, T, H, W]
+        if self.coord_channels:
+            x = torch.cat([x, _coord_grid(x)], dim=1)
+        x = self.stem(x)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
         steps = x.mean(dim=(3, 4))  # [B, E, T']
+        if self.temporal_derivative:
+            steps = with_temporal_derivative(steps, dim=2)
         clip = steps.mean(dim=2)
         if steps.shape[2] != video.shape[1]:
             steps = F.interpolate(steps, size=video.shape[1], mode="linear", align_corners=False)
@@ -349,7 +383,9 @@ class VideoViTStudent(nn.Module):
         dim, depth, heads = cfg.dim, cfg.depth, cfg.heads
         assert dim is not None and depth is not None and heads is not None
         self.tubelet, self.patch = cfg.tubelet, cfg.patch
-        self.embed_dim = dim
+        self.width = dim
+        self.temporal_derivative = cfg.temporal_derivative
+        self.embed_dim = dim * (2 if cfg.temporal_derivative else 1)
         self.patch_embed = nn.Conv3d(3, dim, (cfg.tubelet, cfg.patch, cfg.patch),
                                      stride=(cfg.tubelet, cfg.patch, cfg.patch))
         # Learned embeddings are separable (space + time), sized for the training clip.
@@ -382,7 +418,7 @@ class VideoViTStudent(nn.Module):
 
     def _pos_embed(self, t: int, h: int, w: int, device: torch.device) -> Tensor:
         if not self.pos_embed_learned:
-            return sincos_3d(self.embed_dim, t, h, w, device=device)[None]
+            return sincos_3d(self.width, t, h, w, device=device)[None]
         gt, gh, gw = self.grid
         sp = self.pos_spatial
         if (h, w) != (gh, gw):
@@ -416,8 +452,11 @@ class VideoViTStudent(nn.Module):
         x = self.norm(x)
         tokens = x[:, 1:] if self.cls_token is not None else x
         steps = tokens.reshape(b, t, h * w, -1).mean(dim=2)  # [B, t, D]
-        frames = steps.repeat_interleave(self.tubelet, dim=1)[:, :n_frames]
         clip = x[:, 0] if self.cls_token is not None else tokens.mean(dim=1)
+        if self.temporal_derivative:
+            steps = with_temporal_derivative(steps, dim=1)
+            clip = torch.cat([clip, steps[..., self.width:].mean(dim=1)], dim=-1)
+        frames = steps.repeat_interleave(self.tubelet, dim=1)[:, :n_frames]
         return StudentOutput(clip=clip, frames=frames)
 
 
