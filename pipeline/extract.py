@@ -315,7 +315,10 @@ def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, ke
         fn_constructor_kwargs=dict(teacher=asdict(cfg.teacher), size=cfg.size,
                                    device="cuda" if use_gpu else ("cpu" if cfg.device == "auto" else cfg.device),
                                    precision=cfg.teacher.precision, batch_size=cfg.batch_size, storage=asdict(spec.storage),
-                                   segment_frames=spec.sampling.segment_frames))
+                                   segment_frames=spec.sampling.segment_frames,
+                                   # On CPU the teacher is the bottleneck and decoding mostly waits on it:
+                                   # let each teacher actor's torch use its share of the machine's cores.
+                                   cpu_threads=0 if use_gpu else max(1, int(cpus) // n_teacher)))
     ds = ds.map_batches(
         write_shard_batch, batch_size=cfg.samples_per_shard, num_cpus=0,
         fn_kwargs=dict(root=store.root, storage_options=store.storage_options, key=key, run_id=run_id,

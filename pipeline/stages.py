@@ -112,8 +112,13 @@ class TeacherStage:
     """Run the teacher on the stored (decoded) frames of a batch of segments. The model loads once."""
 
     def __init__(self, teacher: dict, *, size: int | None, device: str, precision: str, batch_size: int,
-                 storage: dict, segment_frames: int):
+                 storage: dict, segment_frames: int, cpu_threads: int = 0):
+        import torch
+
         from feature_store.teacher import load_teacher
+
+        if cpu_threads > 0:  # a CPU teacher: Ray pins actors to one thread unless told otherwise
+            torch.set_num_threads(cpu_threads)
 
         self.teacher = load_teacher(TeacherSpec(**teacher), size=size, device=device, precision=precision)
         self.batch_size = batch_size
