@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from feature_store.preprocess import normalize, resolve_preprocess
-from feature_store.spec import PreprocessSpec, TeacherSpec
+from feature_store.spec import FeatureSpec, PreprocessSpec, SamplingSpec, StorageSpec, TeacherSpec
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,16 @@ def describe_teacher(spec: TeacherSpec, *, size: int | None = None) -> TeacherIn
     return TeacherInfo(fingerprint=teacher.fingerprint, model_class=teacher.model_class,
                        output_used=teacher.output_used, embed_dim=teacher.embed_dim, patch_dim=teacher.patch_dim,
                        preprocess=teacher.preprocess)
+
+
+def feature_spec_for(teacher: TeacherSpec, sampling: SamplingSpec, storage: StorageSpec, *,
+                     size: int | None = None) -> FeatureSpec:
+    """Everything that defines a KEY for these settings. Reads the teacher's config and weights (to
+    fingerprint them), so extraction and a KEY lookup from teacher + sampling agree by construction."""
+    info = describe_teacher(teacher, size=size)
+    return FeatureSpec(teacher=teacher, teacher_fingerprint=info.fingerprint, teacher_class=info.model_class,
+                       embed_dim=info.embed_dim, output_used=info.output_used, preprocess=info.preprocess,
+                       sampling=sampling, storage=storage)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -51,13 +51,10 @@ class ExtractConfig:
 
 
 def resolve_feature_spec(cfg: ExtractConfig) -> FeatureSpec:
-    """Everything that defines the KEY. Reads the teacher's config and weights (to fingerprint them)."""
-    from feature_store.teacher import describe_teacher
+    """The KEY's definition for this run's settings (see feature_store.teacher.feature_spec_for)."""
+    from feature_store.teacher import feature_spec_for
 
-    info = describe_teacher(cfg.teacher, size=cfg.size)
-    return FeatureSpec(teacher=cfg.teacher, teacher_fingerprint=info.fingerprint, teacher_class=info.model_class,
-                       embed_dim=info.embed_dim, output_used=info.output_used, preprocess=info.preprocess,
-                       sampling=cfg.sampling, storage=cfg.storage)
+    return feature_spec_for(cfg.teacher, cfg.sampling, cfg.storage, size=cfg.size)
 
 
 def identify_videos(refs: list[VideoRef], index_rows: list[dict[str, Any]], storage_options: dict[str, Any],

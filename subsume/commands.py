@@ -112,15 +112,12 @@ def _find_key(args: argparse.Namespace) -> str:
         return args.key
     if not args.teacher:
         raise CliError("give --key KEY, or --teacher MODEL (with the sampling flags used for extract) to find it")
-    from pipeline.extract import resolve_feature_spec
+    from feature_store.spec import StorageSpec
+    from feature_store.teacher import feature_spec_for
 
-    cfg = extract_config(argparse.Namespace(**{**vars(args), "videos": "", "max_failure_fraction": 0.5,
-                                               "max_attempts": 3, "decode_timeout": 0, "batch_size": 1,
-                                               "teacher_actors": None, "decode_concurrency": None,
-                                               "samples_per_shard": 1, "commit_every": 8, "device": "cpu",
-                                               "max_in_flight": 2, "object_store_memory": None,
-                                               "dry_run": True}))
-    spec = resolve_feature_spec(cfg)
+    spec = feature_spec_for(_teacher(args), _sampling(args),
+                            StorageSpec(frame_encoding=args.frame_encoding, target_dtype=args.target_dtype),
+                            size=args.size)
     store = FeatureStore(args.store, args.storage_options)
     if spec.key in store.keys():
         return spec.key
