@@ -228,12 +228,21 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     exit_code = int(result.pop("_exit_code", 0)) if isinstance(result, dict) else 0
+    _stop_log_forwarding()
     if args.json:
         sys.stdout.flush()
         print(json.dumps(result, default=str))
     if exit_code:
         print(f"subsume {args.command}: {result.get('error', 'failed')}", file=sys.stderr)
     return exit_code
+
+
+def _stop_log_forwarding() -> None:
+    """Disconnect from Ray before the summary: its workers' output reaches the driver asynchronously (a restarted
+    worker group's lines can land seconds later) and must not follow the --json line on stdout."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

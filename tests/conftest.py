@@ -106,6 +106,9 @@ def run_cli(args: list[str], ray_address: str | None = None, timeout: int = 600,
         payload = None
     if check and proc.returncode != 0:
         raise AssertionError(f"subsume {' '.join(args)} exited {proc.returncode}\nSTDERR:\n{proc.stderr[-4000:]}")
+    if check and "--json" in args and payload is None:  # the contract: the last stdout line is the summary
+        raise AssertionError(f"subsume {' '.join(args)}: last stdout line is not JSON: {last[-500:]!r}\n"
+                             f"STDOUT tail:\n{proc.stdout[-2000:]}")
     return proc.returncode, payload, proc.stderr
 
 

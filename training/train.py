@@ -107,7 +107,8 @@ def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
                         device=ray.train.torch.get_device(), prepare=ray.train.torch.prepare_model,
                         report=report, restore_dir=restore_dir, out_dir=config["out"],
                         crash_after_step=config.get("crash_after_step", 0))
-        return train_worker(cfg, src, env, log=lambda m: print(m, flush=True))
+        # stderr: Ray forwards it to the driver's stderr, keeping stdout for the --json summary line
+        return train_worker(cfg, src, env, log=lambda m: print(m, file=sys.stderr, flush=True))
 
     if restore is not None:
         with restore.as_directory() as d:
