@@ -117,16 +117,15 @@ class BenchSession:
             self.log(f"Ray started in {self.ray_start_s:.1f} s")
 
     def actor_counts(self) -> tuple[int, int]:
-        """(decode actors, teacher actors) for the pipeline runs: one teacher actor per GPU, or one on a CPU,
-        and decode actors on the remaining CPUs (what pipeline.extract picks by default)."""
+        """(decode actors, teacher actors) for the pipeline runs: what pipeline.extract picks by default."""
         import ray
+
+        from pipeline.extract import plan_actors
 
         self.ensure_ray()
         res = ray.cluster_resources()
-        cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
-        use_gpu = gpus >= 1 and self.cfg.device in ("auto", "cuda")
-        n_teacher = int(gpus) if use_gpu else 1
-        return max(1, int(cpus - (0 if use_gpu else n_teacher))), n_teacher
+        plan = plan_actors(float(res.get("CPU", 1)), float(res.get("GPU", 0)), self.cfg.device)
+        return plan.decode_actors, plan.teacher_actors
 
     def extract_config(self, manifest: str, store: str, *, pipeline: bool = True):
         """The extraction settings every run shares; `pipeline=False` leaves the actor counts unset (no Ray)."""

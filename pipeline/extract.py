@@ -8,6 +8,7 @@ since its last commit and a rerun finishes the rest.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import sys
 import time
@@ -19,7 +20,7 @@ from feature_store.spec import FeatureSpec, SamplingSpec, StorageSpec, TeacherSp
 from feature_store.store import CommitBatch, FeatureStore, Fidelity, ShardRecord, TargetStats, new_run_id, table_rows
 from pipeline.plan import Plan, VideoInput, known_hashes, make_plan
 from pipeline.sources import VideoRef, hash_video, list_videos, stat_video
-from pipeline.stages import DecodeStage, TeacherStage, failure_record, write_shard_batch
+from pipeline.stages import DecodeStage, TeacherStage, WriteStage, failure_record
 
 
 HASH_ON_CLUSTER_ABOVE = 256  # files to hash before it is worth a distributed job
@@ -95,6 +96,40 @@ def identify_videos(refs: list[VideoRef], index_rows: list[dict[str, Any]], stor
     for h in hashed:
         inputs[h["i"]].sha256, inputs[h["i"]].error = h["sha256"], h["error"]
     return inputs
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many decode and teacher actors the pipeline runs, and what each reserves from Ray."""
+
+    decode_actors: int  # the decode pool's largest size (Ray Data grows it from one while decoding lags)
+    decode_cpus: float
+    teacher_actors: int
+    teacher_cpus: float
+    teacher_gpus: float
+    teacher_threads: int  # torch intra-op threads of each teacher actor; 0 leaves torch's default (GPU)
+
+
+def plan_actors(cpus: float, gpus: float, device: str = "auto", *, teacher_actors: int | None = None,
+                decode_concurrency: int | None = None) -> ActorPlan:
+    """The default split of a cluster between decoding and the teacher (either count can be fixed by the user).
+
+    GPU: one teacher actor per GPU, decoders on the CPUs. CPU: the teacher costs far more per frame than
+    decoding (20x on the demo's videos), and one single-threaded torch process per core runs faster than one
+    process on all cores, so teacher actors take the cores and each decoder reserves a quarter CPU; the cores
+    are shared by the OS, and Ray Data adds decoders only while the teacher waits for frames.
+    """
+    if gpus >= 1 and device in ("auto", "cuda"):
+        n_teacher = teacher_actors or int(gpus)
+        n_decode = decode_concurrency or max(1, int(cpus - 0.5 * n_teacher))
+        return ActorPlan(n_decode, 1.0, n_teacher, 0.5, 1.0, 0)
+    n_teacher = teacher_actors or max(1, int(cpus))
+    n_decode = decode_concurrency or max(1, int(cpus) // 2)
+    decode_cpus = 0.25
+    teacher_cpus = max(0.05, (cpus - n_decode * decode_cpus) / n_teacher)
+    # torch threads: the actor's share of the cores, rounded up (a decoder's quarter core is mostly idle)
+    return ActorPlan(n_decode, decode_cpus, n_teacher, math.floor(teacher_cpus * 1000) / 1000, 0.0,
+                     max(1, math.ceil(teacher_cpus - 1e-6)))
 
 
 def _cluster_resources() -> tuple[float, float]:
@@ -199,45 +234,47 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
         pending = CommitBatch(run_id=run_id)
         last_commit = time.perf_counter()
 
-    if plan.compute:
-        connect()
-        ds = build_dataset(cfg, spec, store, key, run_id, plan)
-        for row in ds.iter_rows():
-            p = json.loads(row["payload"])
-            if "failure" in p:
-                f = p["failure"]
-                pending.failures.append(f)
-                failures_by_reason[f["error"]] += 1
-                counters["videos_failed"] += 1
-                expected.pop(f["video_sha256"], None)
-                progress.update(failed=1)
-            else:
-                rec = ShardRecord(**p["shard"])
-                pending.shards.append(rec)
-                pending.rows.extend(p["rows"])
-                pending.stats = pending.stats.merge(TargetStats(**p["stats"]))
-                pending.fidelity = pending.fidelity.merge(Fidelity(**p["fidelity"]))
-                timing.update(p["timing"])
-                counters["samples_written"] += rec.count
-                counters["bytes_written"] += rec.bytes
-                counters["shards_written"] += 1
-                frames = rec.count * cfg.sampling.segment_frames
-                counters["frames_computed"] += frames
-                finished = 0
-                for r in p["rows"]:
-                    sha = r["video_sha256"]
-                    got[sha] += 1
-                    if sha in expected and got[sha] + have[sha] >= r["segments_total"]:
-                        expected.pop(sha)
-                        pending.succeeded.append(f"sha:{sha}")
-                        finished += 1
-                counters["videos_new_ok"] += finished
-                progress.update(done=finished, frames=frames, shards=1)
-            if len(pending.shards) >= cfg.commit_every_shards or time.perf_counter() - last_commit > cfg.commit_every_s:
-                commit()
-    commit()
-    progress.close()
-    lease.end()
+    try:  # the lease must stop with the run, also when it fails (a long-lived caller goes on)
+        if plan.compute:
+            connect()
+            ds = build_dataset(cfg, spec, store, key, run_id, plan)
+            for row in ds.iter_rows():
+                p = json.loads(row["payload"])
+                if "failure" in p:
+                    f = p["failure"]
+                    pending.failures.append(f)
+                    failures_by_reason[f["error"]] += 1
+                    counters["videos_failed"] += 1
+                    expected.pop(f["video_sha256"], None)
+                    progress.update(failed=1)
+                else:
+                    rec = ShardRecord(**p["shard"])
+                    pending.shards.append(rec)
+                    pending.rows.extend(p["rows"])
+                    pending.stats = pending.stats.merge(TargetStats(**p["stats"]))
+                    pending.fidelity = pending.fidelity.merge(Fidelity(**p["fidelity"]))
+                    timing.update(p["timing"])
+                    counters["samples_written"] += rec.count
+                    counters["bytes_written"] += rec.bytes
+                    counters["shards_written"] += 1
+                    frames = rec.count * cfg.sampling.segment_frames
+                    counters["frames_computed"] += frames
+                    finished = 0
+                    for r in p["rows"]:
+                        sha = r["video_sha256"]
+                        got[sha] += 1
+                        if sha in expected and got[sha] + have[sha] >= r["segments_total"]:
+                            expected.pop(sha)
+                            pending.succeeded.append(f"sha:{sha}")
+                            finished += 1
+                    counters["videos_new_ok"] += finished
+                    progress.update(done=finished, frames=frames, shards=1)
+                if len(pending.shards) >= cfg.commit_every_shards or time.perf_counter() - last_commit > cfg.commit_every_s:
+                    commit()
+        commit()
+    finally:
+        progress.close()
+        lease.end()
     snap = store.open(key)
 
     wall = time.perf_counter() - t_start
@@ -291,33 +328,33 @@ def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, ke
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=cfg.object_store_memory_gb * 1e9)
     cpus, gpus = _cluster_resources()
-    use_gpu = gpus >= 1 and cfg.device in ("auto", "cuda")
-    n_teacher = cfg.teacher_actors or (int(gpus) if use_gpu else 1)
-    teacher_cpus = 1.0
-    n_decode = cfg.decode_concurrency or max(1, int(cpus - (0 if use_gpu else n_teacher * teacher_cpus)))
+    actors = plan_actors(cpus, gpus, cfg.device, teacher_actors=cfg.teacher_actors,
+                         decode_concurrency=cfg.decode_concurrency)
+    use_gpu = actors.teacher_gpus > 0
+    n_decode = actors.decode_actors
     items = [w.to_row() for w in plan.compute]
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * n_decode))
     ds = ds.map_batches(
-        DecodeStage, batch_size=1, compute=ActorPoolStrategy(min_size=1, max_size=n_decode, max_tasks_in_flight_per_actor=cfg.max_in_flight),
-        num_cpus=1,
+        DecodeStage, batch_size=1,
+        compute=ActorPoolStrategy(min_size=1, max_size=n_decode, max_tasks_in_flight_per_actor=cfg.max_in_flight),
+        num_cpus=actors.decode_cpus,
         fn_constructor_kwargs=dict(sampling=asdict(spec.sampling), preprocess=asdict(spec.preprocess),
                                    storage=asdict(spec.storage), timeout_s=cfg.decode_timeout,
                                    storage_options=cfg.storage_options),
     )
     ds = ds.map_batches(
         TeacherStage, batch_size=max(1, cfg.batch_size // spec.sampling.segment_frames),
-        compute=ActorPoolStrategy(size=n_teacher, max_tasks_in_flight_per_actor=cfg.max_in_flight),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=0.5 if use_gpu else teacher_cpus,
+        compute=ActorPoolStrategy(size=actors.teacher_actors, max_tasks_in_flight_per_actor=cfg.max_in_flight),
+        num_gpus=actors.teacher_gpus,
+        num_cpus=actors.teacher_cpus,
         fn_constructor_kwargs=dict(teacher=asdict(cfg.teacher), size=cfg.size,
                                    device="cuda" if use_gpu else ("cpu" if cfg.device == "auto" else cfg.device),
                                    precision=cfg.teacher.precision, batch_size=cfg.batch_size, storage=asdict(spec.storage),
                                    segment_frames=spec.sampling.segment_frames,
-                                   # On CPU the teacher is the bottleneck and decoding mostly waits on it:
-                                   # let each teacher actor's torch use its share of the machine's cores.
-                                   cpu_threads=0 if use_gpu else max(1, int(cpus) // n_teacher)))
+                                   cpu_threads=actors.teacher_threads))
     ds = ds.map_batches(
-        write_shard_batch, batch_size=cfg.samples_per_shard, num_cpus=0,
-        fn_kwargs=dict(root=store.root, storage_options=store.storage_options, key=key, run_id=run_id,
-                       storage=asdict(spec.storage)))
+        WriteStage, batch_size=cfg.samples_per_shard, num_cpus=0,
+        compute=ActorPoolStrategy(min_size=1, max_size=n_decode, max_tasks_in_flight_per_actor=cfg.max_in_flight),
+        fn_constructor_kwargs=dict(root=store.root, storage_options=store.storage_options, key=key, run_id=run_id,
+                                   storage=asdict(spec.storage)))
     return ds

@@ -4,7 +4,7 @@ Rows between stages carry only bytes, strings and scalars, so every row has the 
 is a sample or a failure: `failure` is "" for a sample, else a JSON failure record.
 - decode (actor pool, CPU): video → segments of frames resized/cropped for the teacher, encoded as stored
 - teacher (actor pool, GPU if any): decoded stored frames → targets; one model load per actor
-- write (tasks): a batch of samples → one shard, published atomically; returns the shard's record
+- write (actor pool): a batch of samples → one shard, published atomically; returns the shard's record
 """
 
 from __future__ import annotations
@@ -208,3 +208,16 @@ def write_shard_batch(batch: dict[str, np.ndarray], *, root: str, storage_option
         payloads.append(json.dumps({"shard": record.__dict__, "rows": rows, "stats": stats.__dict__,
                                     "fidelity": fidelity.__dict__, "timing": timing}))
     return {"payload": payloads}
+
+
+class WriteStage:
+    """`write_shard_batch` in a long-lived actor: the tar writer's imports (webdataset pulls in torch, ~2 s)
+    are paid once per actor, not once per shard in a fresh task worker."""
+
+    def __init__(self, **kwargs: Any):
+        import webdataset  # noqa: F401  (imported now, while the first videos decode)
+
+        self.kwargs = kwargs
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        return write_shard_batch(batch, **self.kwargs)

@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds one video may take to decode before its decoder is killed (default 300)")
     r.add_argument("--batch-size", type=int, default=64, help="frames per teacher forward pass (default 64)")
     r.add_argument("--teacher-actors", type=int, default=None,
-                   help="teacher actor pool size (default: one per GPU, else 1)")
+                   help="teacher actor pool size (default: one per GPU; on CPU one single-threaded actor per core)")
     r.add_argument("--decode-concurrency", type=int, default=None,
-                   help="max decode tasks in flight (default: CPUs left after the teacher actors)")
+                   help="largest decode actor pool (default: the CPUs left by the teacher on GPU, half the cores on CPU)")
     r.add_argument("--max-in-flight", type=int, default=2, metavar="N",
                    help="batches queued per decode/teacher actor: enough to hide latency, small enough that "
                         "decoded frames never pile up in memory (default 2)")

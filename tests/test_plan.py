@@ -1,3 +1,5 @@
+import pytest
+
 from feature_store.store import failure_id
 from pipeline.plan import VideoInput, make_plan
 
@@ -58,3 +60,25 @@ def test_unreadable_inputs_are_quarantined_after_max_attempts():
     plan = make_plan([vi("/v/gone.mp4", "", error="missing")], [], [fail("", "/v/gone.mp4", 3, error="missing")],
                      max_attempts=3, segment_frames=4)
     assert not plan.unreadable and len(plan.quarantined) == 1
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 8, 16, 64])
+def test_cpu_actor_plan_fits_the_cluster_and_gives_the_teacher_the_cores(cpus):
+    from pipeline.extract import plan_actors
+
+    p = plan_actors(cpus, 0)
+    assert p.teacher_gpus == 0 and p.teacher_actors == cpus and p.teacher_threads == 1
+    # every actor of both pools can be placed at once, or the pipeline would wait for CPUs forever
+    assert p.decode_actors * p.decode_cpus + p.teacher_actors * p.teacher_cpus <= cpus + 1e-9
+
+
+def test_gpu_actor_plan_and_user_overrides():
+    from pipeline.extract import plan_actors
+
+    gpu = plan_actors(16, 2)
+    assert (gpu.teacher_actors, gpu.teacher_gpus, gpu.teacher_threads) == (2, 1.0, 0)
+    assert gpu.decode_actors == 15 and gpu.decode_actors * gpu.decode_cpus + 2 * gpu.teacher_cpus <= 16
+    assert plan_actors(16, 2, "cpu").teacher_gpus == 0  # --device cpu keeps the teacher off the GPUs
+    one = plan_actors(8, 0, teacher_actors=1, decode_concurrency=2)
+    assert (one.teacher_actors, one.decode_actors, one.teacher_threads) == (1, 2, 8)
+    assert one.decode_actors * one.decode_cpus + one.teacher_cpus <= 8
