@@ -98,6 +98,16 @@ def identify_videos(refs: list[VideoRef], index_rows: list[dict[str, Any]], stor
     return inputs
 
 
+def steady_rate(frames: int, teacher_spans: list[tuple[float, float]]) -> float | None:
+    """Frames/s while the teacher stage works: all frames over the time from its first call's start to its
+    last call's end (wall clock of the actors). Ray start, actor starts, model loads and the last shard's write
+    are outside that window; a slower decode stage still shows, as the teacher waiting inside it."""
+    if not teacher_spans:
+        return None
+    window = max(t1 for _, t1 in teacher_spans) - min(t0 for t0, _ in teacher_spans)
+    return round(frames / window, 2) if window > 0 else None
+
+
 @dataclass(frozen=True)
 class ActorPlan:
     """How many decode and teacher actors the pipeline runs, and what each reserves from Ray."""
@@ -226,6 +236,7 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
     have = {w.sha256: len(w.have_segments) for w in plan.compute}
     progress = Progress(len(plan.compute), cfg.progress)
     last_commit = time.perf_counter()
+    teacher_spans: list[tuple[float, float]] = []  # (first teacher call start, last end) per shard
 
     def commit() -> None:
         nonlocal pending, last_commit
@@ -259,6 +270,8 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
                     counters["shards_written"] += 1
                     frames = rec.count * cfg.sampling.segment_frames
                     counters["frames_computed"] += frames
+                    if p.get("teacher_span"):
+                        teacher_spans.append(tuple(p["teacher_span"]))
                     finished = 0
                     for r in p["rows"]:
                         sha = r["video_sha256"]
@@ -303,6 +316,7 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
         "metadata_updates": len(plan.metadata_updates),
         "wall_s": round(wall, 3),
         "frames_per_s": round(frames_computed / wall, 2) if wall else None,
+        "steady_frames_per_s": steady_rate(frames_computed, teacher_spans),
         "stage_busy_s": {k: round(v, 3) for k, v in timing.items()},
         "stage_frames_per_s": {k.removesuffix("_s"): round(frames_computed / v, 2) for k, v in timing.items() if v},
         "fidelity": snap.manifest.get("fidelity"),

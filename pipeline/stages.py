@@ -134,7 +134,7 @@ class TeacherStage:
         ok = [i for i in range(n) if not batch["failure"][i]]
         if not ok:
             return out
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         try:
             frames = np.concatenate([decode_frames(bytes(batch["frames_blob"][i]), self.storage.frame_encoding,
                                                    self.t) for i in ok])
@@ -162,7 +162,8 @@ class TeacherStage:
             if grid is not None:
                 out["patches_blob"][i] = npy_bytes(grid[sl])
             meta = json.loads(str(batch["meta"][i]))
-            meta.update(teacher_s=teacher_s, fid_n=self.t, fid_sum=float(cos[sl].sum()), fid_min=float(cos[sl].min()))
+            meta.update(teacher_s=teacher_s, fid_n=self.t, fid_sum=float(cos[sl].sum()), fid_min=float(cos[sl].min()),
+                        teacher_span=[wall0, time.time()])
             out["meta"][i] = json.dumps(meta)
         return out
 
@@ -184,6 +185,7 @@ def write_shard_batch(batch: dict[str, np.ndarray], *, root: str, storage_option
     samples, rows = [], []
     stats, fidelity = TargetStats(), Fidelity()
     timing = {"decode_s": 0.0, "teacher_s": 0.0, "write_s": 0.0}
+    span: list[float] | None = None  # wall-clock start of the first and end of the last teacher call
     for i in range(len(batch["sample_key"])):
         if batch["failure"][i]:
             payloads.append(json.dumps({"failure": json.loads(str(batch["failure"][i]))}))
@@ -194,6 +196,9 @@ def write_shard_batch(batch: dict[str, np.ndarray], *, root: str, storage_option
         patches = np.load(io.BytesIO(patches_blob), allow_pickle=False) if patches_blob else None
         timing["decode_s"] += meta.pop("decode_s", 0.0)
         timing["teacher_s"] += meta.pop("teacher_s", 0.0)
+        t0, t1 = meta.pop("teacher_span", (None, None))
+        if t0 is not None:
+            span = [min(span[0], t0), max(span[1], t1)] if span else [t0, t1]
         fidelity = fidelity.merge(Fidelity(meta.pop("fid_n"), meta.pop("fid_sum"), meta.pop("fid_min")))
         stats = stats.merge(TargetStats.of(targets))
         samples.append(build_sample(meta["sample_key"], bytes(batch["frames_blob"][i]), store_spec.frame_encoding,
@@ -206,7 +211,7 @@ def write_shard_batch(batch: dict[str, np.ndarray], *, root: str, storage_option
         for r in rows:
             r["shard"] = record.name
         payloads.append(json.dumps({"shard": record.__dict__, "rows": rows, "stats": stats.__dict__,
-                                    "fidelity": fidelity.__dict__, "timing": timing}))
+                                    "fidelity": fidelity.__dict__, "timing": timing, "teacher_span": span}))
     return {"payload": payloads}
 
 

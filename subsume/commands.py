@@ -100,7 +100,8 @@ def _print_extract_report(r: dict[str, Any]) -> None:
     print(f"  frames: {r['frames_computed']} computed, {r['frames_reused']} reused; samples {r['samples']} "
           f"({r['samples_written']} new); shards {r['shards']} ({r['shards_written']} new, "
           f"{r['bytes_written'] / 1e6:.1f} MB)")
-    print(f"  wall {r['wall_s']:.1f} s, {r['frames_per_s'] or 0:.1f} frames/s end to end; per stage (busy): "
+    steady = f", {r['steady_frames_per_s']:.1f} steady" if r.get("steady_frames_per_s") else ""
+    print(f"  wall {r['wall_s']:.1f} s, {r['frames_per_s'] or 0:.1f} frames/s end to end{steady}; per stage (busy): "
           + ", ".join(f"{k} {v:.1f} frames/s" for k, v in r["stage_frames_per_s"].items()))
 
 

@@ -11,10 +11,11 @@ from feature_store.spec import FeatureSpec, PreprocessSpec, SamplingSpec, Storag
 from feature_store.store import CommitBatch, FeatureStore, TargetStats
 
 T, D, S = 4, 8, 16
+DP = 6  # patch-token dim, when a spec keeps patch grids
 
 
-def small_spec(**storage) -> FeatureSpec:
-    return FeatureSpec(teacher=TeacherSpec(model="tiny"), teacher_fingerprint="0" * 64, teacher_class="Tiny",
+def small_spec(patch_grid: int = 0, **storage) -> FeatureSpec:
+    return FeatureSpec(teacher=TeacherSpec(model="tiny", patch_grid=patch_grid), teacher_fingerprint="0" * 64, teacher_class="Tiny",
                        embed_dim=D, output_used="cls",
                        preprocess=PreprocessSpec(resize=S, crop=S, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
                        sampling=SamplingSpec(fps=2.0, segment_frames=T), storage=StorageSpec(**storage))
@@ -32,13 +33,15 @@ def make_samples(video: str, segments: int, *, spec: FeatureSpec, labels: dict |
     for seg in range(segments):
         frames = rng.integers(0, 255, (T, S, S, 3), dtype=np.uint8)
         targets = rng.normal(size=(T, D)).astype(target_dtype or spec.storage.target_dtype)
+        g = spec.teacher.patch_grid
+        patches = rng.normal(size=(T, g, g, DP)).astype(spec.storage.target_dtype) if g else None
         key = sample_key(sha, seg)
         meta = {"sample_key": key, "video_sha256": sha, "source": f"/videos/{video}.mp4", "video_id": video,
                 "labels": labels or {}, "segment": seg, "segments_total": segments,
                 "frame_indices": list(range(seg * T, seg * T + T)), "timestamps": [i / 2 for i in range(T)],
                 "num_frames": 100, "decoder": "decord", "video_size": 1000, "video_mtime": 1.0}
         blob = encode_frames(frames, spec.storage.frame_encoding)
-        samples.append(build_sample(key, blob, spec.storage.frame_encoding, targets, meta))
+        samples.append(build_sample(key, blob, spec.storage.frame_encoding, targets, meta, patches))
         rows.append({k: meta[k] for k in ("sample_key", "video_sha256", "video_id", "source", "segment",
                                           "segments_total", "frame_indices", "timestamps", "labels", "num_frames",
                                           "decoder", "video_size", "video_mtime")})

@@ -82,3 +82,10 @@ def test_gpu_actor_plan_and_user_overrides():
     one = plan_actors(8, 0, teacher_actors=1, decode_concurrency=2)
     assert (one.teacher_actors, one.decode_actors, one.teacher_threads) == (1, 2, 8)
     assert one.decode_actors * one.decode_cpus + one.teacher_cpus <= 8
+
+
+def test_steady_rate_is_the_frames_over_the_teacher_window():
+    from pipeline.extract import steady_rate
+
+    assert steady_rate(400, [(10.0, 12.0), (11.0, 14.0)]) == 400 / 4.0
+    assert steady_rate(400, []) is None

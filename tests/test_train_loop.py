@@ -107,3 +107,58 @@ def test_shipped_configs_load(name):
 
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / name))
     assert cfg.steps > 0 and cfg.student.image_size == 224
+
+
+@pytest.fixture
+def patch_store_key(tmp_path):
+    store = FeatureStore(str(tmp_path / "pstore"))
+    key = store.ensure_key(small_spec(patch_grid=2))
+    for i in range(6):
+        add_video(store, key, f"p{i}", 2, labels={"kind": "ab"[i % 2]})
+    return store.root, key
+
+
+def test_views_window_the_patch_grids_with_their_targets():
+    from training.augment import grid_mean_targets
+    from training.loop import make_views
+
+    b, t, g = 3, 6, 2
+    targets = torch.arange(b * t, dtype=torch.float32).view(b, t, 1).expand(b, t, 5).contiguous()
+    patches = targets[:, :, None, None, :].expand(b, t, g, g, 5).contiguous()  # grid mean == the frame's target
+    frames = torch.zeros(b, t, 4, 4, 3, dtype=torch.uint8)
+    cfg = tiny_cfg()
+    cfg.data.view_frames = 3
+    views, _ = make_views(frames, targets, cfg, torch.Generator().manual_seed(1), patches)
+    for _, y, p in views:
+        assert p.shape == (b, 3, g, g, 5)
+        assert torch.equal(grid_mean_targets(p), y)
+
+
+def test_random_crops_train_on_targets_pooled_from_the_patch_grid(patch_store_key, tmp_path):
+    root, key = patch_store_key
+    cfg = tiny_cfg(steps=4)
+    cfg.augment.random_crop_scale = 0.5
+    res = run_train(cfg, root, key, str(tmp_path / "run"), in_process=True)
+    assert res["steps"] == 4 and all(map(lambda x: x == x, [res["loss_first"], res["loss_last"]]))  # not NaN
+    heads = {k: v for k, v in _weights(res["checkpoint"]).items() if k.startswith("head.frame_head")}
+    out_dim = {v.shape[0] for k, v in heads.items() if k.endswith("weight") and v.ndim == 2}
+    from tests.storehelpers import DP
+
+    assert DP in out_dim  # the frame head predicts patch-token means (dim Dp), not the D-dim embeddings
+    # the same run without crops trains on the embeddings
+    plain = run_train(tiny_cfg(steps=1), root, key, str(tmp_path / "plain"), in_process=True)
+    plain_heads = _weights(plain["checkpoint"])
+    from tests.storehelpers import D
+
+    assert any(v.shape[0] == D for k, v in plain_heads.items() if k.startswith("head.frame_head") and v.ndim == 2)
+
+
+def test_random_crops_need_stored_patch_grids(store_key, tmp_path):
+    root, key = store_key
+    cfg = tiny_cfg(steps=1)
+    cfg.augment.random_crop_scale = 0.5
+    with pytest.raises(ValueError, match="patch grids"):
+        run_train(cfg, root, key, str(tmp_path / "run"), in_process=True)
+    cfg.targets = "online"
+    with pytest.raises(ValueError, match="online"):
+        run_train(cfg, root, key, str(tmp_path / "run2"), in_process=True)

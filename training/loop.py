@@ -23,7 +23,7 @@ from torch import nn
 
 from feature_store.reader import SplitFilter, iter_samples
 from feature_store.store import FeatureStore
-from training.augment import augment_views, check_config, crops_enabled
+from training.augment import augment_views, check_config, crops_enabled, grid_mean_targets
 from training.config import TrainConfig
 from training.models import build_student, save_student, unwrap_model, video_to_input
 from training.objective import BYOLBaseline, IBootHead, cosine_momentum, iboot_loss, normalize_targets
@@ -48,7 +48,8 @@ class DataSource:
     teacher_precision: str = "fp32"
     image_size: int = 0
     segment_frames: int = 0
-    embed_dim: int = 0
+    embed_dim: int = 0  # the dimension of the targets the run trains on (the patch dim when it crops)
+    target_space: str = "embeds"  # "embeds" (cached embeddings) | "patch_mean" (means of stored patch grids)
 
 
 @dataclass
@@ -121,8 +122,10 @@ def sample_stream(store: FeatureStore, src: DataSource, cfg: TrainConfig, env: W
         epoch, skip = epoch + 1, 0
 
 
-def make_views(frames: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
-    """Two temporal windows per sample: their frames and exactly their cached targets."""
+def make_views(frames: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, gen: torch.Generator,
+               patches: torch.Tensor | None = None):
+    """Two temporal windows per sample: their frames, exactly their cached targets, and (when given) their
+    patch grids. Returns ([(frames, targets, patches | None)] * 2, offset)."""
     b, t = frames.shape[:2]
     length = min(cfg.data.view_frames, t)
     span = t - length
@@ -132,15 +135,68 @@ def make_views(frames: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, ge
         starts = torch.tensor([[0] * b, [span] * b])
     idx = starts[..., None] + torch.arange(length)  # [2, B, L]
     rows = torch.arange(b)[:, None]
-    views = [(frames[rows, idx[k]], targets[rows, idx[k]]) for k in range(2)]
+    views = [(frames[rows, idx[k]], targets[rows, idx[k]], None if patches is None else patches[rows, idx[k]])
+             for k in range(2)]
     offset = (starts[1] - starts[0]).float() / length  # where view 2 is relative to view 1, in window lengths
     return views, offset
 
 
-def collate(samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(samples: list[dict[str, Any]], with_patches: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """uint8 frames [B, T, S, S, 3], float32 targets [B, T, D], and the patch grids [B, T, G, G, Dp] if asked."""
     frames = torch.from_numpy(np.stack([s["frames"] for s in samples]))
     targets = torch.from_numpy(np.stack([s["targets"] for s in samples]).astype(np.float32))
-    return frames, targets
+    patches = None
+    if with_patches:
+        if any(s.get("patches") is None for s in samples):
+            raise ValueError("a sample has no stored patch grid: random crops need a KEY extracted with "
+                             "TeacherSpec.patch_grid > 0 (subsume extract --patch-grid G)")
+        patches = torch.from_numpy(np.stack([s["patches"] for s in samples]))
+    return frames, targets, patches
+
+
+def patch_mean_stats(store: FeatureStore, key: str, version: int, limit: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std of uncropped patch-grid means over the first `limit` samples of a snapshot:
+    what a cropping run standardises its targets with (the manifest's stats are of the embeddings)."""
+    snapshot = store.open(key, version)
+    rows: list[np.ndarray] = []
+    for s in iter_samples(store, snapshot):
+        if s.get("patches") is None:
+            raise ValueError(f"{key} stores no patch grids: random crops need a KEY extracted with "
+                             "TeacherSpec.patch_grid > 0 (subsume extract --patch-grid G)")
+        rows.append(grid_mean_targets(torch.from_numpy(s["patches"])).numpy())
+        if len(rows) >= limit:
+            break
+    x = np.concatenate(rows).astype(np.float64)
+    return x.mean(0), np.maximum(x.std(0), 1e-6)
+
+
+def online_targets(teacher: Any, view_frames: torch.Tensor) -> torch.Tensor:
+    """The teacher on one view's stored frames [B, L, S, S, 3] -> targets [B, L, D] (`targets: online`)."""
+    return teacher.embed(view_frames.reshape(-1, *view_frames.shape[2:])).embeds.reshape(*view_frames.shape[:2], -1)
+
+
+def step_loss(model: nn.Module, cfg: TrainConfig, frames: torch.Tensor, targets: torch.Tensor,
+              patches: torch.Tensor | None, gen: torch.Generator, *, device: torch.device, mean: torch.Tensor,
+              std: torch.Tensor, teacher: Any = None, amp_dtype: torch.dtype | None = None):
+    """The loss of one micro-batch, as collated: two temporal views, their augmentation (brightness; crops
+    with targets pooled from the patch grid under the box), their targets (cached, or the teacher on the
+    views' frames), standardised, and the objective's forward. Returns (loss tensor, float terms).
+    The training loop and the cached-vs-online benchmark both call this, so they measure the same work."""
+    ((f1, y1, p1), (f2, y2, p2)), offset = make_views(frames, targets, cfg, gen, patches)
+    if cfg.augment.brightness > 0 or crops_enabled(cfg.augment):  # see docs/method.md: what keeps targets valid
+        f1, y1 = augment_views(f1, y1, p1, cfg.augment, gen)
+        f2, y2 = augment_views(f2, y2, p2, cfg.augment, gen)
+    v1 = video_to_input(f1.to(device), cfg.student)
+    v2 = video_to_input(f2.to(device), cfg.student)
+    t1 = t2 = None
+    if cfg.objective == "iboot":
+        if teacher is not None:
+            y1, y2 = online_targets(teacher, f1), online_targets(teacher, f2)
+        t1 = normalize_targets(y1.to(device), mean, std)
+        t2 = normalize_targets(y2.to(device), mean, std)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return model(v1, v2, t1, t2, offset.to(device))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -220,10 +276,10 @@ def train_worker(cfg: TrainConfig, src: DataSource, env: WorkerEnv, log: Callabl
             tb = None
 
     check_config(cfg.augment)
-    if crops_enabled(cfg.augment):
-        raise ValueError("augment.random_crop_scale < 1 needs patch-mean targets, which the training loop does not "
-                         "wire up yet (and crops measured inconsistent with both teachers tried: docs/method.md)")
-    augmenting = cfg.augment.brightness > 0
+    cropping = crops_enabled(cfg.augment)
+    if cropping and src.target_space != "patch_mean":
+        raise ValueError("augment.random_crop_scale < 1 trains on patch-grid means: prepare the DataSource with "
+                         "training.train.prepare_run, which sets its target space and stats")
     probe = None
     if cfg.eval_every and env.rank == 0:
         from training.evaluate import KnnProbe
@@ -246,25 +302,12 @@ def train_worker(cfg: TrainConfig, src: DataSource, env: WorkerEnv, log: Callabl
             for _ in range(micro):
                 s, epoch, consumed = next(stream)
                 batch.append(s)
-            frames, targets = collate(batch)
+            frames, targets, patches = collate(batch, with_patches=cropping)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + env.rank)
-            ((f1, y1), (f2, y2)), offset = make_views(frames, targets, cfg, gen)
-            if augmenting:  # brightness only: see docs/method.md for what keeps cached targets valid
-                f1, y1 = augment_views(f1, y1, None, cfg.augment, gen)
-                f2, y2 = augment_views(f2, y2, None, cfg.augment, gen)
-            v1 = video_to_input(f1.to(env.device), cfg.student)
-            v2 = video_to_input(f2.to(env.device), cfg.student)
-            t1 = t2 = None
-            if cfg.objective == "iboot":
-                if teacher is not None:  # online: the teacher on the same stored frames
-                    y1 = teacher.embed(f1.reshape(-1, *f1.shape[2:])).embeds.reshape(*f1.shape[:2], -1)
-                    y2 = teacher.embed(f2.reshape(-1, *f2.shape[2:])).embeds.reshape(*f2.shape[:2], -1)
-                t1 = normalize_targets(y1.to(env.device), mean, std)
-                t2 = normalize_targets(y2.to(env.device), mean, std)
             t1_ = time.perf_counter()
             data_time += t1_ - t0
-            with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, terms = model(v1, v2, t1, t2, offset.to(env.device))
+            loss, terms = step_loss(model, cfg, frames, targets, patches, gen, device=env.device, mean=mean,
+                                    std=std, teacher=teacher, amp_dtype=amp_dtype)
             scaler.scale(loss / cfg.optim.grad_accum).backward()
             for k, v in terms.items():
                 terms_acc[k] = terms_acc.get(k, 0.0) + v / cfg.optim.grad_accum

@@ -15,8 +15,9 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 from feature_store.store import FeatureStore
+from training.augment import crops_enabled
 from training.config import TrainConfig, config_from_dict, dump_config
-from training.loop import EXPORT_DIR, DataSource, WorkerEnv, train_worker
+from training.loop import EXPORT_DIR, DataSource, WorkerEnv, patch_mean_stats, train_worker
 
 RUN_FILE = "run.json"
 
@@ -54,6 +55,18 @@ def prepare_run(cfg: TrainConfig, root: str, key: str, out: str, storage_options
                      teacher_revision=spec.teacher.revision, teacher_fingerprint=spec.teacher_fingerprint,
                      teacher_precision=spec.teacher.precision, image_size=spec.preprocess.crop,
                      segment_frames=spec.sampling.segment_frames, embed_dim=spec.embed_dim)
+    if crops_enabled(cfg.augment):  # crops train on patch-grid means, standardised with their own stats
+        if cfg.targets == "online":
+            raise ValueError("random crops (augment.random_crop_scale < 1) use the stored patch grids; with "
+                             "--targets online there are none: use cached targets, or no crops")
+        if cfg.objective != "iboot":
+            raise ValueError("random crops are wired for the iboot objective only (its targets follow the crop)")
+        if spec.teacher.patch_grid < 1:
+            raise ValueError(f"augment.random_crop_scale < 1 needs stored patch grids, and {key} has none: extract "
+                             "with --patch-grid G (crops with unchanged embedding targets are not offered)")
+        pmean, pstd = patch_mean_stats(store, key, snap.version)
+        src.target_space, src.embed_dim = "patch_mean", int(pmean.shape[0])
+        src.target_mean, src.target_std = pmean.tolist(), pstd.tolist()
     if cfg.student.image_size != spec.preprocess.crop:
         raise ValueError(f"student.image_size {cfg.student.image_size} != the KEY's frame size "
                          f"{spec.preprocess.crop}; set --set student.image_size={spec.preprocess.crop}")
