@@ -23,7 +23,9 @@ from pipeline.sources import VideoRef, hash_video, list_videos, stat_video
 from pipeline.stages import DecodeStage, TeacherStage, WriteStage, failure_record
 
 
-HASH_ON_CLUSTER_ABOVE = 256  # files to hash before it is worth a distributed job
+# Bytes to hash before a distributed job pays for itself: threads in the driver hash a local or object-store
+# file at disk or network speed, and a Ray job first starts worker processes (tens of seconds on a small node).
+HASH_ON_CLUSTER_ABOVE_BYTES = 16 * 2**30
 
 
 @dataclass
@@ -74,7 +76,7 @@ def identify_videos(refs: list[VideoRef], index_rows: list[dict[str, Any]], stor
         if not st.error:
             v.sha256 = known.get((r.source, st.size, st.mtime), "")
             if not v.sha256:
-                to_hash.append({"i": i, "source": r.source})
+                to_hash.append({"i": i, "source": r.source, "size": st.size})
         inputs.append(v)
 
     def _hash(row: dict[str, Any]) -> dict[str, Any]:
@@ -83,11 +85,13 @@ def identify_videos(refs: list[VideoRef], index_rows: list[dict[str, Any]], stor
         except OSError as e:
             return {"i": row["i"], "sha256": "", "error": f"unreadable: {e}"}
 
-    if len(to_hash) > HASH_ON_CLUSTER_ABOVE:
+    if sum(r["size"] for r in to_hash) > HASH_ON_CLUSTER_ABOVE_BYTES:
         import ray
 
         connect()
-        hashed = ray.data.from_items(to_hash).map(_hash, num_cpus=0.25).take_all()
+        _quiet_ray_data()
+        blocks = min(len(to_hash), 4 * int(_cluster_resources()[0]))
+        hashed = ray.data.from_items(to_hash, override_num_blocks=blocks).map(_hash, num_cpus=0.25).take_all()
     else:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -328,15 +332,24 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
     return result
 
 
-def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, key: str, run_id: str, plan: Plan):
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
+def _quiet_ray_data():
+    """Our own progress line says what matters: no Ray Data progress bars or progress log lines on the console
+    (ray-data.log in the session folder keeps everything). Returns the DataContext."""
+    from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # our own progress line says what matters
-    for handler in logging.getLogger("ray.data").handlers:  # console only; ray-data.log keeps everything
+    ctx.enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ == "PlainRayHandler":
             handler.setLevel(logging.WARNING)
+    return ctx
+
+
+def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, key: str, run_id: str, plan: Plan):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ctx = _quiet_ray_data()
     ctx.execution_options.preserve_order = False
     if cfg.object_store_memory_gb:
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(

@@ -41,7 +41,7 @@ MANIFEST_COLUMNS = ("path", "video_id", "shape", "colour", "direction")
 
 # Size of the shape (circle radius) as a fraction of the frame side, and how far it travels over the clip
 # as a fraction of the free room along its axis.
-RADIUS_RANGE = (0.09, 0.13)
+RADIUS_RANGE = (0.14, 0.18)
 TRAVEL_RANGE = (0.45, 0.75)
 TRIANGLE_SCALE = 1.45  # circumradius of the triangle relative to the circle radius (similar areas)
 SQUARE_SCALE = 0.89  # half-side of the square relative to the circle radius (equal areas)
@@ -304,9 +304,9 @@ def render_training_images(n: int, *, seed: int = 0, size: int = 64) -> tuple[np
         radius = float(rng.uniform(*RADIUS_RANGE) * size)
         margin = _extent(radius) + 1.0
         row, col = divmod(int(labels["position"][i]), GRID)
-        # Keep a small gap from cell borders so the label is unambiguous.
-        x = rng.uniform(max(col * cell + 0.5, margin), min((col + 1) * cell - 0.5, size - margin))
-        y = rng.uniform(max(row * cell + 0.5, margin), min((row + 1) * cell - 0.5, size - margin))
+        # Keep a gap of a pixel from cell borders so the label is unambiguous.
+        x = rng.uniform(max(col * cell + 1.0, margin), min((col + 1) * cell - 1.0, size - margin))
+        y = rng.uniform(max(row * cell + 1.0, margin), min((row + 1) * cell - 1.0, size - margin))
         background = render_background(size, rng)
         noise = rng.normal(0.0, rng.uniform(*NOISE_STD_RANGE), size=background.shape).astype(np.float32)
         images[i] = render_frame(background, SHAPES[labels["shape"][i]], COLOUR_NAMES[labels["colour"][i]],

@@ -109,6 +109,15 @@ def test_shipped_configs_load(name):
     assert cfg.steps > 0 and cfg.student.image_size == 224
 
 
+def test_demo_yaml_is_the_demo_config():
+    from pathlib import Path
+
+    from subsume.demo import demo_train_config
+
+    shipped = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"))
+    assert shipped.to_dict() == demo_train_config().to_dict()
+
+
 @pytest.fixture
 def patch_store_key(tmp_path):
     store = FeatureStore(str(tmp_path / "pstore"))

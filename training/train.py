@@ -8,6 +8,7 @@ the same samples even if the KEY has grown since, and a new --out starts afresh.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import uuid
@@ -120,8 +121,9 @@ def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
                         device=ray.train.torch.get_device(), prepare=ray.train.torch.prepare_model,
                         report=report, restore_dir=restore_dir, out_dir=config["out"],
                         crash_after_step=config.get("crash_after_step", 0))
-        # stderr: Ray forwards it to the driver's stderr, keeping stdout for the --json summary line
-        return train_worker(cfg, src, env, log=lambda m: print(m, file=sys.stderr, flush=True))
+        # A logger, not print: Ray Train patches print on its workers to log each line as well as print it
+        # (two lines on the console); its logging setup sends our records to the driver's stderr once.
+        return train_worker(cfg, src, env, log=logging.getLogger("subsume.train").info)
 
     if restore is not None:
         with restore.as_directory() as d:
