@@ -33,7 +33,7 @@ def demo_train_config(steps: int | None = None, workers: int | None = None):
     # right on these videos). The frame term weighs more than the default: on the demo data it is what
     # teaches position (and shape) per frame, and direction then shows in the derivative (docs/method.md).
     return TrainConfig(
-        steps=steps or 300, workers=workers or 2, seed=0, checkpoint_every=100, log_every=20,
+        steps=steps or 500, workers=workers or 2, seed=0, checkpoint_every=100, log_every=20,
         student=StudentConfig(arch="r2plus1d", size="tiny", frames=8, image_size=64, coord_channels=True,
                               temporal_derivative=True),
         data=DataConfig(view_frames=8, batch_size=16, shuffle_buffer=128),
