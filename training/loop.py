@@ -305,7 +305,7 @@ def train_worker(cfg: TrainConfig, src: DataSource, env: WorkerEnv, log: Callabl
             frames, targets, patches = collate(batch, with_patches=cropping)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + env.rank)
             t1_ = time.perf_counter()
-            data_time += t1_ - t0
+            data_time += t1_ - t0  # reading and collating; views, augmentation, online targets are step time
             loss, terms = step_loss(model, cfg, frames, targets, patches, gen, device=env.device, mean=mean,
                                     std=std, teacher=teacher, amp_dtype=amp_dtype)
             scaler.scale(loss / cfg.optim.grad_accum).backward()
