@@ -23,6 +23,7 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -286,7 +287,8 @@ class FeatureStore:
     """A store root (local folder or fsspec URL) holding one folder per KEY."""
 
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
-        self.root = root.rstrip("/")
+        # A local root is made absolute: Ray workers do not share the driver's working directory.
+        self.root = root.rstrip("/") if "://" in root else os.path.abspath(root)
         self.storage_options = dict(storage_options or {})
         self.fs, self.path = fsutil.url_to_fs(self.root, self.storage_options)
 

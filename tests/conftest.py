@@ -93,12 +93,14 @@ def cli_env(ray_address: str | None = None) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], ray_address: str | None = None, timeout: int = 600, check: bool = True):
+def run_cli(args: list[str], ray_address: str | None = None, timeout: int = 600, check: bool = True,
+            cwd: str | None = None):
     """Run the real `subsume` console script; returns (returncode, parsed last-line JSON or None, stderr)."""
     import json
 
     exe = shutil.which("subsume", path=str(VENV_BIN)) or "subsume"
-    proc = subprocess.run([exe, *args], capture_output=True, text=True, env=cli_env(ray_address), timeout=timeout)
+    proc = subprocess.run([exe, *args], capture_output=True, text=True, env=cli_env(ray_address), timeout=timeout,
+                          cwd=cwd)
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     try:
         payload = json.loads(last) if last.startswith("{") else None

@@ -243,14 +243,15 @@ def test_ray_train_worker_death_resumes_to_the_same_weights(extracted, ray_addre
     """A Ray Train worker process dies after the first checkpoint; FailureConfig restarts the group from it
     and the run ends with the same weights as an unbroken one."""
     store, ex = extracted
-    args = ["train", "--store", str(store), "--key", ex["key"], "--steps", "6", "--workers", "2", "--json",
+    # --store relative to the CLI's working directory: Ray Train's workers run elsewhere and must still find it
+    args = ["train", "--store", store.name, "--key", ex["key"], "--steps", "6", "--workers", "2", "--json",
             "--set", "student.image_size=32", "--set", "student.frames=4", "--set", "data.view_frames=4",
             "--set", "data.batch_size=2", "--set", "checkpoint_every=3", "--set", "data.heldout_fraction=0.25"]
-    _, straight, _ = run_cli([*args, "--out", str(tmp_path / "a")], ray_address)
+    _, straight, _ = run_cli([*args, "--out", str(tmp_path / "a")], ray_address, cwd=str(store.parent))
     env_crash = {"SUBSUME_TEST_CRASH_AFTER_STEP": "3"}
     os.environ.update(env_crash)
     try:
-        _, crashed, err = run_cli([*args, "--out", str(tmp_path / "b")], ray_address)
+        _, crashed, err = run_cli([*args, "--out", str(tmp_path / "b")], ray_address, cwd=str(store.parent))
     finally:
         os.environ.pop("SUBSUME_TEST_CRASH_AFTER_STEP")
     assert (tmp_path / "b" / ".test-crash-done").exists()  # the worker really died once

@@ -229,3 +229,9 @@ def test_torch_dataset_yields_tensors(store, key):
     assert len(items) == 3
     assert items[0]["frames"].shape == (T, S, S, 3) and items[0]["frames"].dtype == torch.uint8
     assert items[0]["targets"].shape == (T, D)
+
+
+def test_a_local_root_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert FeatureStore("rel/store").root == str(tmp_path / "rel" / "store")
+    assert FeatureStore("s3://bucket/store/").root == "s3://bucket/store"

@@ -32,6 +32,7 @@ def prepare_run(cfg: TrainConfig, root: str, key: str, out: str, storage_options
     os.makedirs(out, exist_ok=True)
     run_path = os.path.join(out, RUN_FILE)
     store = FeatureStore(root, storage_options)
+    root = store.root  # absolute when local: the workers resolve it from their own working directory
     if os.path.exists(run_path):
         with open(run_path) as f:
             run = json.load(f)
