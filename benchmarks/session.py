@@ -118,13 +118,10 @@ class BenchSession:
 
     def actor_counts(self) -> tuple[int, int]:
         """(decode actors, teacher actors) for the pipeline runs: what pipeline.extract picks by default."""
-        import ray
-
-        from pipeline.extract import plan_actors
+        from pipeline.extract import cluster_actor_plan
 
         self.ensure_ray()
-        res = ray.cluster_resources()
-        plan = plan_actors(float(res.get("CPU", 1)), float(res.get("GPU", 0)), self.cfg.device)
+        plan = cluster_actor_plan(self.cfg.device)
         return plan.decode_actors, plan.teacher_actors
 
     def extract_config(self, manifest: str, store: str, *, pipeline: bool = True):

@@ -146,6 +146,13 @@ def plan_actors(cpus: float, gpus: float, device: str = "auto", *, teacher_actor
                      max(1, math.ceil(teacher_cpus - 1e-6)))
 
 
+def cluster_actor_plan(device: str = "auto", *, teacher_actors: int | None = None,
+                       decode_concurrency: int | None = None) -> ActorPlan:
+    """`plan_actors` for the connected Ray cluster's CPUs and GPUs."""
+    cpus, gpus = _cluster_resources()
+    return plan_actors(cpus, gpus, device, teacher_actors=teacher_actors, decode_concurrency=decode_concurrency)
+
+
 def _cluster_resources() -> tuple[float, float]:
     import ray
 
@@ -354,9 +361,8 @@ def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, ke
     if cfg.object_store_memory_gb:
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=cfg.object_store_memory_gb * 1e9)
-    cpus, gpus = _cluster_resources()
-    actors = plan_actors(cpus, gpus, cfg.device, teacher_actors=cfg.teacher_actors,
-                         decode_concurrency=cfg.decode_concurrency)
+    actors = cluster_actor_plan(cfg.device, teacher_actors=cfg.teacher_actors,
+                                decode_concurrency=cfg.decode_concurrency)
     use_gpu = actors.teacher_gpus > 0
     n_decode = actors.decode_actors
     items = [w.to_row() for w in plan.compute]

@@ -146,13 +146,16 @@ def collate(samples: list[dict[str, Any]], with_patches: bool = False
     """uint8 frames [B, T, S, S, 3], float32 targets [B, T, D], and the patch grids [B, T, G, G, Dp] if asked."""
     frames = torch.from_numpy(np.stack([s["frames"] for s in samples]))
     targets = torch.from_numpy(np.stack([s["targets"] for s in samples]).astype(np.float32))
-    patches = None
-    if with_patches:
-        if any(s.get("patches") is None for s in samples):
-            raise ValueError("a sample has no stored patch grid: random crops need a KEY extracted with "
-                             "TeacherSpec.patch_grid > 0 (subsume extract --patch-grid G)")
-        patches = torch.from_numpy(np.stack([s["patches"] for s in samples]))
+    patches = torch.from_numpy(np.stack([_patches(s) for s in samples])) if with_patches else None
     return frames, targets, patches
+
+
+def _patches(sample: dict[str, Any]) -> np.ndarray:
+    """A sample's stored patch grid [T, G, G, Dp], which random crops cannot do without."""
+    if sample.get("patches") is None:
+        raise ValueError(f"sample {sample.get('sample_key', '?')} has no stored patch grid: random crops need a KEY "
+                         "extracted with TeacherSpec.patch_grid > 0 (subsume extract --patch-grid G)")
+    return sample["patches"]
 
 
 def patch_mean_stats(store: FeatureStore, key: str, version: int, limit: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -161,10 +164,7 @@ def patch_mean_stats(store: FeatureStore, key: str, version: int, limit: int = 5
     snapshot = store.open(key, version)
     rows: list[np.ndarray] = []
     for s in iter_samples(store, snapshot):
-        if s.get("patches") is None:
-            raise ValueError(f"{key} stores no patch grids: random crops need a KEY extracted with "
-                             "TeacherSpec.patch_grid > 0 (subsume extract --patch-grid G)")
-        rows.append(grid_mean_targets(torch.from_numpy(s["patches"])).numpy())
+        rows.append(grid_mean_targets(torch.from_numpy(_patches(s))).numpy())
         if len(rows) >= limit:
             break
     x = np.concatenate(rows).astype(np.float64)
