@@ -1,0 +1,141 @@
+"""The KEY's three Delta Lake tables (index, shard records, failure ledger) and the one way we commit to them.
+
+A commit appends a small Arrow table with `write_deltalake(mode="append")`: delta-rs writes one new data file
+and one log entry (a conditional put on S3, a no-replace rename locally), whatever the table already holds.
+Every commit carries a unique token in its commit metadata. When the append raises (a lost response, an S3
+retry answered 412, a network error after the log entry landed), we look for our token in the versions
+written since we started before doing anything else: a commit that landed is recognised, never repeated and
+never undone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+TOKEN = "subsume_token"
+
+
+def delta_storage_options(root: str, fsspec_options: dict[str, Any]) -> dict[str, str] | None:
+    """delta-rs options for a store root. Credentials and endpoint come from the standard AWS environment
+    (as for s3fs); an endpoint given to s3fs is passed on, and a plain-http endpoint is allowed explicitly."""
+    if "://" not in root or root.startswith("file://"):
+        return None
+    out: dict[str, str] = {}
+    client = fsspec_options.get("client_kwargs") or {}
+    endpoint = fsspec_options.get("endpoint_url") or client.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        out["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            out["AWS_ALLOW_HTTP"] = "true"
+    for ours, theirs in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN")):
+        if fsspec_options.get(ours):
+            out[theirs] = str(fsspec_options[ours])
+    region = client.get("region_name") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        out["AWS_REGION"] = region
+    return out
+
+
+class LostCommit(Exception):
+    """A commit that raised and whose token is in no version: it did not land (safe to retry)."""
+
+
+@dataclass(frozen=True)
+class DeltaLocation:
+    uri: str  # for delta-rs
+    options: dict[str, str] | None
+    fs: Any = None  # the store's fsspec filesystem and the table's path on it (to read one log entry)
+    path: str = ""
+
+    def open(self, version: int | None = None):
+        from deltalake import DeltaTable
+
+        return DeltaTable(self.uri, version=version, storage_options=self.options)
+
+    def exists(self) -> bool:
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(self.uri, storage_options=self.options)
+
+    def create(self, schema: pa.Schema) -> None:
+        """Version 0: the empty table. Two writers creating it at once both succeed or see it exists."""
+        from deltalake import write_deltalake
+
+        if self.exists():
+            return
+        try:
+            write_deltalake(self.uri, schema.empty_table(), mode="ignore", storage_options=self.options)
+        except Exception:
+            if not self.exists():
+                raise
+
+    def latest_version(self) -> int:
+        return self.open().version()
+
+
+def find_token(location: "DeltaLocation", token: str, after: int) -> int | None:
+    """The version > `after` whose commit metadata carries `token`, if any: reads only the log entries of the
+    versions written since (delta-rs's history() labels versions from the handle's loaded version, so the log
+    entries are read directly)."""
+    latest = location.latest_version()
+    for version in range(latest, after, -1):
+        if commit_metadata(location, version).get(TOKEN) == token:
+            return version
+    return None
+
+
+def append(location: DeltaLocation, data: pa.Table, metadata: dict[str, str], *, retries: int = 5,
+           write=None) -> int:
+    """Append `data` as one commit; returns the version it became. Safe against lost responses (see above)."""
+    from deltalake import CommitProperties
+
+    write = write or _write_deltalake
+    token = uuid.uuid4().hex
+    table = location.open()
+    base = table.version()
+    props = CommitProperties(custom_metadata={**metadata, TOKEN: token}, max_commit_retries=1000)
+    last: Exception | None = None
+    for attempt in range(retries):
+        try:
+            write(table, data, mode="append", commit_properties=props)
+        except Exception as e:  # noqa: BLE001 - any failure may still have landed: check before retrying
+            last = e
+            landed = find_token(location, token, base)
+            if landed is not None:
+                return landed
+            time.sleep(min(0.1 * 2**attempt, 2.0))
+            table = location.open()
+            continue
+        landed = find_token(location, token, base)
+        if landed is None:  # cannot happen with a working log store; say so rather than guess
+            raise LostCommit(f"{location.uri}: commit {token} reported success but is in no version")
+        return landed
+    raise LostCommit(f"{location.uri}: commit failed {retries} times: {last}") from last
+
+
+def _write_deltalake(table, data, **kw) -> None:
+    from deltalake import write_deltalake
+
+    write_deltalake(table, data, **kw)
+
+
+def commit_metadata(location: DeltaLocation, version: int) -> dict[str, Any]:
+    """The commitInfo action of one version (timestamp, operation, our custom metadata), read from that
+    version's log entry alone (Delta protocol: _delta_log/<version:020d>.json, one action per line).
+    delta-rs's `history()` reads from the latest version backwards, so it would cost O(versions since)."""
+    import json
+
+    from . import fsutil
+
+    entry = fsutil.join(location.path, "_delta_log", f"{version:020d}.json")
+    for line in fsutil.read_bytes(location.fs, entry).decode().splitlines():
+        action = json.loads(line) if line.strip() else {}
+        if "commitInfo" in action:
+            return {**action["commitInfo"], "version": version}
+    return {"version": version}
