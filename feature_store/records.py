@@ -144,7 +144,10 @@ def rows_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     if not rows:
         return schema.empty_table()
     cols: dict[str, Any] = {}
+    named = "source_raw" in schema.names
     for f in schema:
+        if named and f.name in ("source", "source_raw"):
+            continue
         vals = [r.get(f.name) for r in rows]
         if pa.types.is_map(f.type):
             vals = [sorted((v or {}).items()) for v in vals]
