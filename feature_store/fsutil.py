@@ -120,6 +120,14 @@ class NotExclusive(OSError):
 def probe_exclusive_create(fs: fsspec.AbstractFileSystem, folder: str) -> None:
     """Refuse a backend whose exclusive create is not exclusive (fsspec's default create is exists-then-write,
     so two writers could both create spec.json or a lease): create one probe object twice; the second must fail."""
+    from fsspec.spec import AbstractFileSystem
+
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    backend = f"{type(fs).__module__}.{type(fs).__name__} ({proto}://)"
+    if not is_local(fs) and type(fs).pipe_file is AbstractFileSystem.pipe_file:
+        raise NotExclusive(f"the storage backend {backend} creates files with fsspec's default exists-then-write, "
+                           f"which two writers can both pass; the store needs an atomic exclusive create "
+                           f"(local disks, S3 conditional PUT) and refuses to write there")
     path = join(folder, uuid.uuid4().hex)
     try:
         first = create_exclusive(fs, path, b"probe")
@@ -130,7 +138,6 @@ def probe_exclusive_create(fs: fsspec.AbstractFileSystem, folder: str) -> None:
         except OSError:
             pass
     if not first or second:
-        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        raise NotExclusive(f"the storage backend {type(fs).__module__}.{type(fs).__name__} ({proto}://) does not "
+        raise NotExclusive(f"the storage backend {backend} does not "
                            f"create files exclusively (a second create of {path} succeeded); concurrent writers "
                            f"could overwrite each other's spec and leases, so the store refuses to write there")

@@ -47,6 +47,8 @@ def verify(store: FeatureStore, key: str, version: int | None = None, *, sample:
     recorded digests; every shard's size and sha256 against its record; every sample's arrays against the
     spec; every index row against the sample's own JSON. `sample` < 1 checks that fraction of shards."""
     try:
+        if not store.tables(key).index.exists():
+            raise FileNotFoundError(f"{store.tables(key).index.uri} is not a Delta table")
         snap = store.open(key, version)
     except (StoreError, OSError, ValueError) as e:  # a missing or unreadable index is a finding, not a crash
         rep = VerifyReport(key=key, version=version or 0)

@@ -63,8 +63,17 @@ def new_run_id() -> str:
 
 
 def failure_id(video_sha256: str, source: str) -> str:
-    """Failures are keyed by content hash where the bytes were readable, by source otherwise."""
-    return f"sha:{video_sha256}" if video_sha256 else f"src:{source}"
+    """Failures are keyed by content hash where the bytes were readable, by source otherwise (a name that is
+    not UTF-8 by its bytes, base64: the id must be a valid string and unique)."""
+    import base64
+
+    if video_sha256:
+        return f"sha:{video_sha256}"
+    try:
+        source.encode("utf-8")
+        return f"src:{source}"
+    except UnicodeEncodeError:
+        return "srcb64:" + base64.urlsafe_b64encode(source.encode("utf-8", "surrogateescape")).decode()
 
 
 @dataclass

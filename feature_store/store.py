@@ -280,7 +280,8 @@ def _shard_rows(batch: CommitBatch) -> pa.Table:
 
 def _ledger_rows(batch: CommitBatch) -> pa.Table:
     """One attempt row per failing video of this batch (a video failing on several segments is one attempt),
-    and a `cleared` row per video the batch completed."""
+    and a `cleared` row per formerly failing video the batch completed (`succeeded`; the writer knows from its
+    plan which videos had failed, so the ledger grows with failures, not with the KEY)."""
     at = utcnow(micro=True)
     rows, seen = [], set()
     for f in batch.failures:
@@ -292,8 +293,7 @@ def _ledger_rows(batch: CommitBatch) -> pa.Table:
                      "cause": f.get("cause") or cause_of(f.get("error", ""), f.get("retryable", True)),
                      "message": f.get("message", ""), "judged_by": f.get("judged_by") or batch.judged_by,
                      "run_id": batch.run_id, "at": f.get("at") or at})
-    cleared = set(batch.succeeded) | {failure_id(r["video_sha256"], "") for r in batch.rows}
-    for fid in sorted(cleared - seen):
+    for fid in sorted(set(batch.succeeded) - seen):
         rows.append({"failure_id": fid, "kind": "cleared", "source": "", "run_id": batch.run_id, "at": at})
     return rows_table(rows, LEDGER_SCHEMA)
 

@@ -256,6 +256,7 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
     expected = {w.sha256: None for w in plan.compute}  # segments still to come, filled from the first row
     got: dict[str, int] = defaultdict(int)
     have = {w.sha256: len(w.have_segments) for w in plan.compute}
+    failed_before = {w.sha256 for w in plan.compute if w.attempts}  # their ledger entries clear on success
     progress = Progress(len(plan.compute), cfg.progress)
     last_commit = time.perf_counter()
     teacher_spans: list[tuple[float, float]] = []  # (first teacher call start, last end) per shard
@@ -306,7 +307,8 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
                         got[sha] += 1
                         if sha in expected and got[sha] + have[sha] >= r["segments_total"]:
                             expected.pop(sha)
-                            pending.succeeded.append(f"sha:{sha}")
+                            if sha in failed_before:
+                                pending.succeeded.append(f"sha:{sha}")
                             finished += 1
                     counters["videos_new_ok"] += finished
                     progress.update(done=finished, frames=frames, shards=1)
