@@ -120,11 +120,14 @@ class NotExclusive(OSError):
 def probe_exclusive_create(fs: fsspec.AbstractFileSystem, folder: str) -> None:
     """Refuse a backend whose exclusive create is not exclusive (fsspec's default create is exists-then-write,
     so two writers could both create spec.json or a lease): create one probe object twice; the second must fail."""
+    from fsspec.asyn import AsyncFileSystem
     from fsspec.spec import AbstractFileSystem
 
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     backend = f"{type(fs).__module__}.{type(fs).__name__} ({proto}://)"
-    if not is_local(fs) and type(fs).pipe_file is AbstractFileSystem.pipe_file:
+    # async backends (s3fs, gcsfs...) implement _pipe_file themselves; the probe below tests what they do
+    inherits_default = not isinstance(fs, AsyncFileSystem) and type(fs).pipe_file is AbstractFileSystem.pipe_file
+    if not is_local(fs) and inherits_default:
         raise NotExclusive(f"the storage backend {backend} creates files with fsspec's default exists-then-write, "
                            f"which two writers can both pass; the store needs an atomic exclusive create "
                            f"(local disks, S3 conditional PUT) and refuses to write there")

@@ -11,8 +11,10 @@ never undone.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,17 @@ def delta_storage_options(root: str, fsspec_options: dict[str, Any]) -> dict[str
     return out
 
 
+_HANDLES_PER_THREAD = 16
+_local = threading.local()
+
+
+def _handles() -> OrderedDict:
+    """This thread's open table handles (delta-rs handles are not shared between threads)."""
+    if not hasattr(_local, "handles"):
+        _local.handles = OrderedDict()
+    return _local.handles
+
+
 class LostCommit(Exception):
     """A commit that raised and whose token is in no version: it did not land (safe to retry)."""
 
@@ -53,14 +66,33 @@ class DeltaLocation:
     fs: Any = None  # the store's fsspec filesystem and the table's path on it (to read one log entry)
     path: str = ""
 
-    def open(self, version: int | None = None):
+    def open(self, version: int | None = None, *, fresh: bool = False):
+        """A handle on the latest version (brought up to date by reading only the log entries since this
+        thread last looked) or on one version (immutable). Loading a table's state costs O(its files) once
+        per thread; later commits and opens cost what was added since."""
         from deltalake import DeltaTable
 
-        return DeltaTable(self.uri, version=version, storage_options=self.options)
+        cache = _handles()
+        ckey = (self.uri, version)
+        table = None if fresh else cache.get(ckey)
+        if table is None:
+            table = DeltaTable(self.uri, version=version, storage_options=self.options)
+        elif version is None:
+            table.update_incremental()
+        cache[ckey] = table
+        cache.move_to_end(ckey)
+        while len(cache) > _HANDLES_PER_THREAD:
+            cache.popitem(last=False)
+        return table
+
+    def forget(self) -> None:
+        _handles().pop((self.uri, None), None)
 
     def exists(self) -> bool:
         from deltalake import DeltaTable
 
+        if (self.uri, None) in _handles():
+            return True
         return DeltaTable.is_deltatable(self.uri, storage_options=self.options)
 
     def create(self, schema: pa.Schema) -> None:
@@ -106,11 +138,12 @@ def append(location: DeltaLocation, data: pa.Table, metadata: dict[str, str], *,
             write(table, data, mode="append", commit_properties=props)
         except Exception as e:  # noqa: BLE001 - any failure may still have landed: check before retrying
             last = e
+            location.forget()
             landed = find_token(location, token, base)
             if landed is not None:
                 return landed
             time.sleep(min(0.1 * 2**attempt, 2.0))
-            table = location.open()
+            table = location.open(fresh=True)
             continue
         landed = find_token(location, token, base)
         if landed is None:  # cannot happen with a working log store; say so rather than guess
