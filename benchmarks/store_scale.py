@@ -46,7 +46,7 @@ def synthetic_rows(start: int, n: int, run: str) -> pa.Table:
 
     i = np.arange(start, start + n)
     vid = i // SEGMENTS_PER_VIDEO
-    sha = [f"{v:064x}" for v in vid]
+    sha = [f"{v:032x}"[::-1] * 2 for v in vid]  # unique in the first 32 hex digits, as content hashes are
     seg = (i % SEGMENTS_PER_VIDEO).astype(np.int32)
     t = 8
     return pa.table({
@@ -141,7 +141,7 @@ def _run_child(root: str, key: str, start: int, batch: int, commits: int, env: d
 def open_and_plan(root: str, key: str, new_videos: int) -> dict[str, Any]:
     """Open the latest version (handles, then the manifest), and plan `new_videos` new inputs against it."""
     from feature_store.store import FeatureStore
-    from pipeline.plan import PLAN_COLUMNS, VideoInput, known_hashes, make_plan
+    from pipeline.plan import VideoInput, index_for_inputs, index_for_listing, known_hashes, make_plan
 
     t0 = time.perf_counter()
     snap = FeatureStore(root).open(key)
@@ -151,11 +151,11 @@ def open_and_plan(root: str, key: str, new_videos: int) -> dict[str, Any]:
     inputs = [VideoInput(f"s3://corpus/new/n{i}.mp4", f"n{i}", {"class": "c1"}, size=5, mtime=1.0)
               for i in range(new_videos)]
     t1 = time.perf_counter()
-    index = snap.index_columns(PLAN_COLUMNS)
-    known = known_hashes([(v.source, v.size, v.mtime) for v in inputs], index)
+    stats = [(v.source, v.size, v.mtime) for v in inputs]  # what pipeline.extract does, less the hashing
+    known = known_hashes(stats, index_for_listing(snap, stats))
     for v, sha in zip(inputs, known):
-        v.sha256 = sha or f"{hash(v.source) & (2**256 - 1):064x}"
-    plan = make_plan(inputs, index, snap.failures, max_attempts=3, segment_frames=8)
+        v.sha256 = sha or f"{abs(hash(v.source)):032x}" * 2
+    plan = make_plan(inputs, index_for_inputs(snap, inputs), snap.failures, max_attempts=3, segment_frames=8)
     t_plan = time.perf_counter() - t1
     return {"open_s": sig(t_open), "manifest_s": sig(t_manifest), "samples": counts["samples"],
             "plan_s": sig(t_plan), "planned_to_compute": len(plan.compute)}
@@ -192,11 +192,12 @@ def _backend(name: str, workdir: Path, sizes: tuple[int, ...], batch: int, commi
                  "AWS_ENDPOINT_URL": endpoint}
         os.environ.update(creds)
         env.update(creds)
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        for n in sizes:  # a bucket per KEY: moto lists a prefix by scanning its whole bucket, S3 does not
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=f"bench-{n}")
     try:
         out: dict[str, Any] = {}
         for n in sizes:
-            root = f"s3://bench/store-{n}" if name == "s3" else str(workdir / f"store-{n}")
+            root = f"s3://bench-{n}/store" if name == "s3" else str(workdir / f"store-{n}")
             t0 = time.perf_counter()
             key = build_key(root, n, batch)
             log(f"{NAME}: {name} KEY of {n} samples built in {time.perf_counter() - t0:.1f} s; committing")

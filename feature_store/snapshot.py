@@ -39,10 +39,19 @@ class Snapshot:
     """A KEY at one version. `index`, `failures`, `manifest`, `shards` are computed on first use."""
 
     def __init__(self, store: "FeatureStore", key: str, version: int, spec: FeatureSpec, commit: dict[str, Any]):
-        self.store, self.key, self.version, self._spec, self.commit = store, key, version, spec, commit
+        self.store, self.key, self.version, self._spec, self._commit = store, key, version, spec, commit
+
+    @property
+    def commit(self) -> dict[str, Any]:
+        """The version's commit info (time, token, our metadata), read from its log entry when not at hand."""
+        if self.version and "timestamp" not in self._commit:
+            from .tables import commit_metadata
+
+            self._commit = commit_metadata(self.store.tables(self.key).index, self.version)
+        return self._commit
 
     def __getstate__(self) -> dict[str, Any]:  # loader workers get the small part; they read their own rows
-        keep = ("store", "key", "version", "_spec", "commit", "_duplicates", "_shard_names")
+        keep = ("store", "key", "version", "_spec", "_commit", "_duplicates", "_shard_names")
         return {k: v for k, v in self.__dict__.items() if k in keep}
 
     @property
@@ -53,7 +62,9 @@ class Snapshot:
     def _dataset(self):
         if self.version == 0:
             return None
-        return self.store.tables(self.key).index.open(self.version).to_pyarrow_dataset()
+        if self.__dict__.get("_ds") is None:  # building it costs O(files): once per snapshot
+            self._ds = self.store.tables(self.key).index.open(self.version).to_pyarrow_dataset()
+        return self._ds
 
     def index_columns(self, columns: list[str] | None = None, filter=None) -> pa.Table:  # noqa: A002
         """Raw index rows of this version (duplicates included), only `columns`, only rows matching `filter`."""

@@ -65,6 +65,8 @@ class FeatureStore:
         self.storage_options = dict(storage_options or {})
         self.fs, self.path = fsutil.url_to_fs(self.root, self.storage_options)
         self._delta_options = delta_storage_options(self.root, self.storage_options)
+        self._specs: dict[str, FeatureSpec] = {}
+        self._format2: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"root": self.root, "storage_options": self.storage_options}
@@ -116,14 +118,22 @@ class FeatureStore:
         return key
 
     def spec(self, key: str) -> FeatureSpec:
+        """The KEY's spec (immutable, so read once per FeatureStore)."""
+        if key in self._specs:
+            return self._specs[key]
         path = fsutil.join(self.key_path(key), "spec.json")
         if not fsutil.exists(self.fs, path):
             raise KeyNotFound(f"no KEY {key!r} in {self.root}")
-        return feature_spec_from_dict(json.loads(fsutil.read_bytes(self.fs, path)))
+        self._specs[key] = feature_spec_from_dict(json.loads(fsutil.read_bytes(self.fs, path)))
+        return self._specs[key]
 
     def _check_format(self, key: str) -> None:
+        if key in self._format2:
+            return
         kp = self.key_path(key)
-        if fsutil.exists(self.fs, fsutil.join(kp, "snapshots")) and not self.tables(key).index.exists():
+        if self.tables(key).index.exists():
+            self._format2.add(key)
+        elif fsutil.exists(self.fs, fsutil.join(kp, "snapshots")):
             raise FormatError(f"KEY {key} in {self.root} was written by store format 1 (snapshots/*.json); this "
                               f"version reads format {STORE_FORMAT}. Convert it once with "
                               f"`subsume store upgrade {self.root} {key}` (docs/feature-store.md)")
@@ -177,14 +187,16 @@ class FeatureStore:
             append(t.shards, _shard_rows(batch), {"run_id": batch.run_id})
         ledger = _ledger_rows(batch)
         if ledger.num_rows:
-            append(t.failures, ledger, {"run_id": batch.run_id, "digest": table_digest(ledger)})
-        meta["ledger_version"] = str(t.failures.latest_version())
+            lv = append(t.failures, ledger, {"run_id": batch.run_id, "digest": table_digest(ledger)})
+        else:
+            lv = t.failures.latest_version()
+        meta["ledger_version"] = str(lv)
         rows = rows_table(batch.rows, INDEX_SCHEMA)
         meta["digest"] = table_digest(rows)
         version = append(t.index, rows, meta)
         if batch.run_id:
             self.heartbeat(key, batch.run_id)
-        return self.open(key, version)
+        return Snapshot(self, key, version, self.spec(key), meta)
 
     # -- writers -------------------------------------------------------------------------------------------
     def heartbeat(self, key: str, run_id: str, pinned_version: int | None = None) -> None:

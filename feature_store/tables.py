@@ -145,6 +145,10 @@ def append(location: DeltaLocation, data: pa.Table, metadata: dict[str, str], *,
             time.sleep(min(0.1 * 2**attempt, 2.0))
             table = location.open(fresh=True)
             continue
+        # delta-rs moves the handle to the version it committed: confirm by its log entry (one read)
+        mine = table.version()
+        if mine > base and commit_metadata(location, mine).get(TOKEN) == token:
+            return mine
         landed = find_token(location, token, base)
         if landed is None:  # cannot happen with a working log store; say so rather than guess
             raise LostCommit(f"{location.uri}: commit {token} reported success but is in no version")

@@ -17,12 +17,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from feature_store.spec import FeatureSpec, SamplingSpec, StorageSpec, TeacherSpec
-import pyarrow as pa
 
 from feature_store.ledger import FAILURES_SCHEMA, cause_of, judge_version
-from feature_store.records import INDEX_SCHEMA
-from feature_store.store import CommitBatch, FeatureStore, Fidelity, ShardRecord, TargetStats, new_run_id
-from pipeline.plan import PLAN_COLUMNS, Plan, VideoInput, known_hashes, make_plan
+from feature_store.snapshot import Snapshot
+from feature_store.store import HEARTBEAT_S, CommitBatch, FeatureStore, Fidelity, ShardRecord, TargetStats, new_run_id
+from pipeline.plan import Plan, VideoInput, index_for_inputs, index_for_listing, known_hashes, make_plan
 from pipeline.sources import VideoRef, hash_video, list_videos, stat_video
 from pipeline.stages import DecodeStage, TeacherStage, WriteStage, failure_record
 
@@ -65,7 +64,7 @@ def resolve_feature_spec(cfg: ExtractConfig) -> FeatureSpec:
     return feature_spec_for(cfg.teacher, cfg.sampling, cfg.storage, size=cfg.size)
 
 
-def identify_videos(refs: list[VideoRef], index: pa.Table, storage_options: dict[str, Any],
+def identify_videos(refs: list[VideoRef], snapshot: Snapshot | None, storage_options: dict[str, Any],
                     connect: Callable[[], None]) -> list[VideoInput]:
     """Content hash per video; unchanged files (same source, size, mtime/ETag as stored) are not re-read.
 
@@ -76,7 +75,8 @@ def identify_videos(refs: list[VideoRef], index: pa.Table, storage_options: dict
     for r in refs:
         st = stat_video(r.source, storage_options)
         inputs.append(VideoInput(r.source, r.video_id, dict(r.labels), size=st.size, mtime=st.mtime, error=st.error))
-    known = known_hashes([(v.source, v.size, v.mtime) for v in inputs], index)
+    stats = [(v.source, v.size, v.mtime) for v in inputs]
+    known = known_hashes(stats, index_for_listing(snapshot, stats))
     to_hash: list[dict[str, Any]] = []
     for i, v in enumerate(inputs):
         if not v.error:
@@ -169,7 +169,7 @@ class Lease:
     """Keeps this run's lease fresh while it runs, so `store gc` leaves its files alone even when no shard
     arrives for a long time (a slow teacher, a stuck decoder waiting for its timeout)."""
 
-    def __init__(self, store: FeatureStore, key: str, run_id: str, every_s: float = 60.0):
+    def __init__(self, store: FeatureStore, key: str, run_id: str, every_s: float = HEARTBEAT_S):
         import threading
 
         self.store, self.key, self.run_id = store, key, run_id
@@ -220,17 +220,22 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
     """Run (or dry-run) an extraction. `connect()` is called before the first use of Ray (to join or start a
     cluster); a run with nothing to compute never starts one."""
     t_start = time.perf_counter()
+    used_ray: list[bool] = []
+
+    def connect_once() -> None:  # noted, so a run that needed no Ray can say so
+        if not used_ray:
+            used_ray.append(True)
+            connect()
+
     store = FeatureStore(cfg.store, cfg.storage_options)
     spec = resolve_feature_spec(cfg)
     key = spec.key
     refs = list_videos(cfg.videos, cfg.storage_options)
     snapshot = store.open(key) if key in store.keys() else None
-    index = snapshot.index_columns(PLAN_COLUMNS) if snapshot else INDEX_SCHEMA.empty_table().select(PLAN_COLUMNS)
     failures = snapshot.failures if snapshot else FAILURES_SCHEMA.empty_table()
-    inputs = identify_videos(refs, index, cfg.storage_options, connect)
-    plan = make_plan(inputs, index, failures, max_attempts=cfg.max_attempts,
+    inputs = identify_videos(refs, snapshot, cfg.storage_options, connect_once)
+    plan = make_plan(inputs, index_for_inputs(snapshot, inputs), failures, max_attempts=cfg.max_attempts,
                      segment_frames=cfg.sampling.segment_frames, retry_failed=cfg.retry_failed)
-    del index
     base = {"store": cfg.store, "key": key, "teacher": cfg.teacher.model, "videos_total": len(refs)}
     if cfg.dry_run:
         return {**base, "dry_run": True, **plan.summary(),
@@ -271,7 +276,7 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
     failed_ids: set[str] = set()
     try:  # the lease must stop with the run, also when it fails (a long-lived caller goes on)
         if plan.compute:
-            connect()
+            connect_once()
             ds = build_dataset(cfg, spec, store, key, run_id, plan)
             for row in ds.iter_rows():
                 p = json.loads(row["payload"])
@@ -345,6 +350,7 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
         "frames_reused": plan.frames_reused,
         "metadata_updates": len(plan.metadata_updates),
         "wall_s": round(wall, 3),
+        "used_ray": bool(used_ray),
         "frames_per_s": round(frames_computed / wall, 2) if wall else None,
         "steady_frames_per_s": steady_rate(frames_computed, teacher_spans),
         "stage_busy_s": {k: round(v, 3) for k, v in timing.items()},

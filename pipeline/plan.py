@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from feature_store.ledger import decide, judge_version
 from feature_store.names import name_columns
-from feature_store.records import failure_id, table_rows
+from feature_store.records import INDEX_SCHEMA, failure_id, table_rows
 from feature_store.snapshot import first_per_key
 
 
@@ -76,6 +76,25 @@ class Plan:
 
 PLAN_COLUMNS = ["video_sha256", "segment", "segments_total", "source", "source_raw", "video_id", "labels",
                 "video_size", "video_mtime"]
+
+
+KNOWN_COLUMNS = ["source", "video_size", "video_mtime", "video_sha256"]
+
+
+def index_for_listing(snapshot, stats: list[tuple[str, int, float]]) -> pa.Table:
+    """The KEY version's (source, size, mtime, sha256) rows for the listed sources only (an Arrow filter)."""
+    if snapshot is None or not stats:
+        return INDEX_SCHEMA.empty_table().select(KNOWN_COLUMNS)
+    sources, _ = name_columns(sorted({s[0] for s in stats}))
+    return snapshot.index_columns(KNOWN_COLUMNS, filter=pc.field("source").isin(sources))
+
+
+def index_for_inputs(snapshot, inputs: list[VideoInput]) -> pa.Table:
+    """The KEY version's PLAN_COLUMNS rows of the input videos only (an Arrow filter on video_sha256)."""
+    shas = pa.array(sorted({v.sha256 for v in inputs if v.sha256}), pa.string())
+    if snapshot is None or not len(shas):
+        return INDEX_SCHEMA.empty_table().select(PLAN_COLUMNS)
+    return snapshot.index_columns(PLAN_COLUMNS, filter=pc.field("video_sha256").isin(shas))
 
 
 def known_hashes(stats: list[tuple[str, int, float]], index: pa.Table) -> list[str]:
