@@ -42,7 +42,8 @@ from .spec import FeatureSpec, feature_spec_from_dict, to_dict
 from .tables import DeltaLocation, append, commit_metadata, delta_storage_options
 
 HEARTBEAT_S = 60.0  # how often a writer refreshes its lease
-GRACE_FLOOR_S = 15 * 60.0  # gc treats no lease or file younger than this as dead, whatever --grace says
+GRACE_FLOOR_S = 15 * 60.0
+LEDGER_REFRESH_S = 30.0  # a version records a ledger version at most this stale (other runs' attempts)  # gc treats no lease or file younger than this as dead, whatever --grace says
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,8 @@ class FeatureStore:
         ledger = _ledger_rows(batch)
         if ledger.num_rows:
             lv = append(t.failures, ledger, {"run_id": batch.run_id, "digest": table_digest(ledger)})
-        else:
-            lv = t.failures.latest_version()
+        else:  # the ledger others appended to is looked up at most every LEDGER_REFRESH_S (a listing)
+            lv = t.failures.latest_version(max_age_s=LEDGER_REFRESH_S)
         meta["ledger_version"] = str(lv)
         rows = rows_table(batch.rows, INDEX_SCHEMA)
         meta["digest"] = table_digest(rows)

@@ -46,6 +46,7 @@ def delta_storage_options(root: str, fsspec_options: dict[str, Any]) -> dict[str
 
 _HANDLES_PER_THREAD = 16
 _local = threading.local()
+_refreshed: dict[int, float] = {}  # id(handle) -> when it last read the log (monotonic)
 
 
 def _handles() -> OrderedDict:
@@ -66,10 +67,11 @@ class DeltaLocation:
     fs: Any = None  # the store's fsspec filesystem and the table's path on it (to read one log entry)
     path: str = ""
 
-    def open(self, version: int | None = None, *, fresh: bool = False):
+    def open(self, version: int | None = None, *, fresh: bool = False, max_age_s: float = 0.0):
         """A handle on the latest version (brought up to date by reading only the log entries since this
-        thread last looked) or on one version (immutable). Loading a table's state costs O(its files) once
-        per thread; later commits and opens cost what was added since."""
+        thread last looked, unless it looked less than `max_age_s` ago) or on one version (immutable).
+        Loading a table's state costs O(its files) once per thread; later commits and opens cost what was
+        added since."""
         from deltalake import DeltaTable
 
         cache = _handles()
@@ -77,8 +79,10 @@ class DeltaLocation:
         table = None if fresh else cache.get(ckey)
         if table is None:
             table = DeltaTable(self.uri, version=version, storage_options=self.options)
-        elif version is None:
+            _refreshed[id(table)] = time.monotonic()
+        elif version is None and time.monotonic() - _refreshed.get(id(table), 0.0) >= max_age_s:
             table.update_incremental()
+            _refreshed[id(table)] = time.monotonic()
         cache[ckey] = table
         cache.move_to_end(ckey)
         while len(cache) > _HANDLES_PER_THREAD:
@@ -107,8 +111,8 @@ class DeltaLocation:
             if not self.exists():
                 raise
 
-    def latest_version(self) -> int:
-        return self.open().version()
+    def latest_version(self, max_age_s: float = 0.0) -> int:
+        return self.open(max_age_s=max_age_s).version()
 
 
 def find_token(location: "DeltaLocation", token: str, after: int) -> int | None:
@@ -129,7 +133,9 @@ def append(location: DeltaLocation, data: pa.Table, metadata: dict[str, str], *,
 
     write = write or _write_deltalake
     token = uuid.uuid4().hex
-    table = location.open()
+    # No refresh before writing (a listing of the log): a stale handle's commit meets the newer entries as
+    # a conflict, and delta-rs, appending, moves on to the next free version.
+    table = location.open(max_age_s=float("inf"))
     base = table.version()
     props = CommitProperties(custom_metadata={**metadata, TOKEN: token}, max_commit_retries=1000)
     last: Exception | None = None
