@@ -181,7 +181,8 @@ def _moto() -> tuple[str, subprocess.Popen]:
     raise RuntimeError("moto server did not start")
 
 
-def _backend(name: str, workdir: Path, sizes: tuple[int, ...], batch: int, commits: int, log) -> dict[str, Any]:
+def _backend(name: str, workdir: Path, sizes: tuple[int, ...], batch: int, commits: int, plan_videos: int,
+             log) -> dict[str, Any]:
     env = dict(os.environ)
     proc = None
     if name == "s3":
@@ -204,7 +205,9 @@ def _backend(name: str, workdir: Path, sizes: tuple[int, ...], batch: int, commi
             res = _run_child(root, key, n, batch, commits, env)
             out[str(n)] = {"commit_s_median": sig(float(np.median(res["commit_s"]))),
                            "commit_s": [sig(x) for x in res["commit_s"]],
-                           "peak_rss_mib": sig(res["peak_rss_kib"] / 1024), "root": root, "key": key}
+                           "peak_rss_mib": sig(res["peak_rss_kib"] / 1024)}
+            if n == max(sizes):
+                out["largest_key"] = open_and_plan(root, key, plan_videos)
         return out
     finally:
         if proc is not None:
@@ -220,9 +223,9 @@ def run(session) -> BenchResult:
     lo, hi = str(sizes[0]), str(sizes[-1])
     backends, notes = {}, []
     for name in cfg.store_backends:
-        backends[name] = _backend(name, session.workdir, sizes, cfg.store_batch, cfg.store_commits, session.log)
-    local = backends.get("local") or next(iter(backends.values()))
-    opened = open_and_plan(local[hi]["root"], local[hi]["key"], cfg.store_plan_videos)
+        backends[name] = _backend(name, session.workdir, sizes, cfg.store_batch, cfg.store_commits,
+                                  cfg.store_plan_videos, session.log)
+    opened = {b: r.pop("largest_key") for b, r in backends.items()}
     ratios = {b: sig(r[hi]["commit_s_median"] / r[lo]["commit_s_median"]) for b, r in backends.items()}
     rss = {b: sig(r[hi]["peak_rss_mib"] / r[lo]["peak_rss_mib"]) for b, r in backends.items()}
     value = max(ratios.values())
@@ -230,11 +233,8 @@ def run(session) -> BenchResult:
         notes.append(f"peak RSS of the committing process grew {max(rss.values())}x (target <= {RSS_TARGET})")
     summary = "; ".join(f"{b}: {r[lo]['commit_s_median'] * 1000:.0f} -> {r[hi]['commit_s_median'] * 1000:.0f} ms "
                         f"per commit, RSS x{rss[b]}" for b, r in backends.items())
-    summary += f"; open {hi}: {opened['open_s']:.2f} s (+{opened['manifest_s']:.1f} s manifest), " \
-               f"plan {cfg.store_plan_videos}: {opened['plan_s']:.1f} s"
-    for r in backends.values():
-        for v in r.values():
-            v.pop("root"), v.pop("key")
+    summary += "; " + "; ".join(f"{b} {hi}: open {o['open_s']:.2f} s (+{o['manifest_s']:.1f} s manifest), plan "
+                                f"{cfg.store_plan_videos} videos {o['plan_s']:.1f} s" for b, o in opened.items())
     figures = {"sizes": list(sizes), "batch": cfg.store_batch, "backends": backends, "commit_ratio": ratios,
                "peak_rss_ratio": rss, "rss_target": RSS_TARGET, "largest_key": opened}
     return BenchResult(NAME, value, TARGET, summary, figures, notes)
