@@ -110,13 +110,11 @@ def _bytes_per_rows(rows: pa.Table, batch: int) -> int:
 
 def child(root: str, key: str, start: int, batch: int, commits: int) -> dict[str, Any]:
     """In a fresh process: `commits` real commits of `batch` rows; their times and this process's peak RSS."""
-    import resource
-
     from feature_store.records import CommitBatch, ShardRecord, table_rows
     from feature_store.store import FeatureStore
 
     store = FeatureStore(root)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = _peak_rss_kib()
     times = []
     for c in range(commits):
         run = f"20260101000000-bench{c:03d}"
@@ -126,8 +124,22 @@ def child(root: str, key: str, start: int, batch: int, commits: int) -> dict[str
         t0 = time.perf_counter()
         store.commit(key, CommitBatch(shards=shards, rows=rows, run_id=run))
         times.append(time.perf_counter() - t0)
-    return {"commit_s": times, "rss_before_kib": rss0,
-            "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    return {"commit_s": times, "rss_before_kib": rss0, "peak_rss_kib": _peak_rss_kib()}
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak RSS. Linux: VmHWM of its own address space (getrusage's ru_maxrss would include
+    the parent's RSS at fork, before exec)."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _run_child(root: str, key: str, start: int, batch: int, commits: int, env: dict[str, str]) -> dict[str, Any]:
