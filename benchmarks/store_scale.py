@@ -173,6 +173,22 @@ def open_and_plan(root: str, key: str, new_videos: int) -> dict[str, Any]:
             "plan_s": sig(t_plan), "planned_to_compute": len(plan.compute)}
 
 
+def _list_log_s(root: str, key: str) -> float:
+    """One listing of the index table's log (delta-rs lists it after each commit to move its handle on):
+    moto answers a prefix listing by scanning every object of the bucket, S3 by its index."""
+    from feature_store import fsutil
+    from feature_store.store import FeatureStore
+
+    store = FeatureStore(root)
+    path = fsutil.join(store.tables(key).index.path, "_delta_log")
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fsutil.listdir(store.fs, path)
+        times.append(time.perf_counter() - t0)
+    return sig(float(np.median(times)))
+
+
 def _moto() -> tuple[str, subprocess.Popen]:
     import socket
     import urllib.request
@@ -217,7 +233,7 @@ def _backend(name: str, workdir: Path, sizes: tuple[int, ...], batch: int, commi
             res = _run_child(root, key, n, batch, commits, env)
             out[str(n)] = {"commit_s_median": sig(float(np.median(res["commit_s"]))),
                            "commit_s": [sig(x) for x in res["commit_s"]],
-                           "peak_rss_mib": sig(res["peak_rss_kib"] / 1024)}
+                           "peak_rss_mib": sig(res["peak_rss_kib"] / 1024), "list_log_s": _list_log_s(root, key)}
             if n == max(sizes):
                 out["largest_key"] = open_and_plan(root, key, plan_videos)
         return out

@@ -24,14 +24,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 import uuid
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Iterable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from . import fsutil
 from .ledger import LEDGER_SCHEMA, cause_of

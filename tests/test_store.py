@@ -1,12 +1,10 @@
 """The store's contract on a local disk: snapshots, concurrent commits, verify, gc, readers."""
 
-import json
 import os
 import threading
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 

@@ -1,7 +1,6 @@
 """Nothing committed is ever lost: lost commit responses, gc beside a live writer, backends whose exclusive create
 is not exclusive, names that are not UTF-8, format-1 KEYs, and verify's checks."""
 
-import io
 import json
 import os
 import time
@@ -15,8 +14,8 @@ from fsspec.spec import AbstractFileSystem
 from feature_store import fsutil, tables
 from feature_store.maintenance import failures_report, gc, verify
 from feature_store.reader import iter_samples
-from feature_store.store import CommitBatch, FeatureStore, FormatError, failure_id, table_rows
-from tests.storehelpers import add_video, make_samples, small_spec, video_sha
+from feature_store.store import FeatureStore, FormatError, failure_id, table_rows
+from tests.storehelpers import add_video, make_samples, small_spec
 
 
 @pytest.fixture
