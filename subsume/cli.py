@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                      with_key=True)
     v.add_argument("--sample", type=float, default=1.0, metavar="F", help="verify a random fraction F of the shards")
     v.add_argument("--version", type=int, default=None, help="version to verify (default: the latest)")
+    v.add_argument("--ray", action="store_true", help="check the shards in Ray tasks (a large KEY; joins "
+                                                     "RAY_ADDRESS's cluster or starts a local one)")
     f = store_action("failures", "failed videos of a KEY with reasons and what the next run does", with_key=True)
     f.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     store_action("upgrade", "convert a KEY written by store format 1 to format 2 (once)", with_key=True)

@@ -237,7 +237,11 @@ def cmd_store_verify(args: argparse.Namespace) -> dict[str, Any]:
     from feature_store.store import KeyNotFound
 
     try:
-        rep = verify(_store(args), args.key, args.version, sample=args.sample)
+        if args.ray:
+            import ray
+
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING")
+        rep = verify(_store(args), args.key, args.version, sample=args.sample, on_ray=args.ray)
     except KeyNotFound as e:
         raise CliError(str(e)) from e
     out = {"key": rep.key, "version": rep.version, "ok": rep.ok, "shards_checked": rep.shards_checked,

@@ -246,3 +246,17 @@ def test_a_training_run_pins_its_version_against_retention(store, key):
     pinned = {lz["pinned_version"] for lz in leases}
     assert retained_versions(store, key, Retention(keep_last=1), pinned) == [2, 4]
     assert retained_versions(store, key, Retention(keep=(1,), keep_last=2), set()) == [1, 3, 4]
+
+
+@pytest.mark.ray
+def test_verify_as_a_ray_job_finds_what_the_local_verify_finds(store, key, tmp_path, ray_session):
+    for i in range(3):
+        add_video(store, key, f"v{i}", 2)
+    assert verify(store, key, on_ray=True).ok
+    p = tmp_path / "store" / key / store.open(key).shards[1].name
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    local, distributed = verify(store, key), verify(store, key, on_ray=True)
+    assert distributed.shards_checked == 3 and not distributed.ok
+    assert sorted(x["kind"] for x in distributed.problems) == sorted(x["kind"] for x in local.problems)
