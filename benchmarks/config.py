@@ -78,7 +78,7 @@ class BenchConfig:
     # store_scale: KEY sizes (samples), the committed batch, commits timed per size, backends, planned videos
     store_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     store_batch: int = 512
-    store_commits: int = 5
+    store_commits: int = 15
     store_backends: tuple[str, ...] = ("local", "s3")
     store_plan_videos: int = 10_000
 

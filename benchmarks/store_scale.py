@@ -2,7 +2,8 @@
 shard records, index append) to KEYs holding 10^4, 10^5 and 10^6 synthetic samples, on the local disk and on
 S3 (moto's server in a child process). The committing process is a fresh child, so its peak RSS is its own.
 
-Value: median commit time on the largest KEY over the smallest (the worse of the two backends), target
+Value: median commit time on the largest KEY over the smallest (the worse of the two backends; the median of
+a committing process's commits after its first, which also loads the tables' state, reported apart), target
 <= 1.5. Also: the committing process's peak RSS ratio (<= 1.3), the time to open the largest KEY's latest
 version (handles; then its manifest, an aggregation over its index), and the time to plan 10^4 new videos
 against it. The KEYs are built fast but realistically: the index as one data file per 512 rows (what a run of
@@ -231,7 +232,9 @@ def _backend(name: str, workdir: Path, sizes: tuple[int, ...], batch: int, commi
             key = build_key(root, n, batch)
             log(f"{NAME}: {name} KEY of {n} samples built in {time.perf_counter() - t0:.1f} s; committing")
             res = _run_child(root, key, n, batch, commits, env)
-            out[str(n)] = {"commit_s_median": sig(float(np.median(res["commit_s"]))),
+            steady = res["commit_s"][1:] or res["commit_s"]  # the first also loads the tables' state
+            out[str(n)] = {"commit_s_median": sig(float(np.median(steady))),
+                           "first_commit_s": sig(res["commit_s"][0]),
                            "commit_s": [sig(x) for x in res["commit_s"]],
                            "peak_rss_mib": sig(res["peak_rss_kib"] / 1024), "list_log_s": _list_log_s(root, key)}
             if n == max(sizes):
