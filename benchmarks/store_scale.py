@@ -7,7 +7,8 @@ a committing process's commits after its first, which also loads the tables' sta
 <= 1.5. Also: the committing process's peak RSS ratio (<= 1.3), the time to open the largest KEY's latest
 version (handles; then its manifest, an aggregation over its index), and the time to plan 10^4 new videos
 against it. The KEYs are built fast but realistically: the index as one data file per 512 rows (what a run of
-512-row commits leaves behind), then a Delta checkpoint, as delta-rs writes every 100 commits.
+512-row commits leaves behind, within 2x: about 1,000 rows per file came out), then a Delta checkpoint, as
+delta-rs writes every 100 commits.
 """
 
 from __future__ import annotations
