@@ -1,5 +1,6 @@
-"""Renamed or relabelled videos: a Delta MERGE that rewrites only the data files holding their rows (targets never
-change). It is its own version, recorded with the digest change of the rows it rewrote."""
+"""Renamed or relabelled videos: a Delta MERGE that scans the index for their rows and rewrites only the data
+files holding them (targets never change). It is its own version; the digest change of the rows it rewrote is
+kept beside the log (`_subsume_digests/`), since a merge's commit metadata is written before it is known."""
 
 from __future__ import annotations
 
