@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         body = render_section(info, args.preset, results, when=started.strftime("%Y-%m-%d %H:%M UTC"),
                               command=command, load_avg=load_avg, config=cfg.to_dict(), wall_s=wall)
         path = Path(args.docs) if args.docs else DOCS_PATH
-        write_section(path, section_id(info, args.preset), body)
+        sid = section_id(info, args.preset) + ("" if only == default_only else "-" + "+".join(only))
+        write_section(path, sid, body)  # a partial run gets a section of its own beside the full one
         log(f"recorded in {path} (machine {info.machine_id}: {info.label})")
     if args.json:
         print(json_line(results), flush=True)

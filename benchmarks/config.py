@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-BENCHMARKS = ("cached_vs_online", "extraction", "loader", "reuse", "storage", "scaling")
+BENCHMARKS = ("cached_vs_online", "extraction", "loader", "reuse", "storage", "scaling", "store_scale")
 # What the GPU preset can run on a machine without Ray, decord or webdataset.
 RAY_FREE_BENCHMARKS = ("cached_vs_online", "extraction", "storage")
 
@@ -75,6 +75,12 @@ class BenchConfig:
     frames_alone: int = 512  # frames for the per-stage (decode / teacher alone) measurements
     loader_epochs: int = 2
     rss_interval_s: float = 0.1
+    # store_scale: KEY sizes (samples), the committed batch, commits timed per size, backends, planned videos
+    store_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
+    store_batch: int = 512
+    store_commits: int = 15
+    store_backends: tuple[str, ...] = ("local", "s3")
+    store_plan_videos: int = 10_000
 
     def __post_init__(self) -> None:
         unknown = [t for t in (*self.teachers, self.extract_teacher) if t not in TEACHER_SHAPES]

@@ -98,3 +98,49 @@ def listdir(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
         return fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
+
+
+def entry_mtime(entry: dict[str, Any]) -> float:
+    """Modification time of a listing entry, in seconds (local mtime, S3 LastModified, ...)."""
+    m = entry.get("mtime") or entry.get("LastModified") or entry.get("last_modified") or entry.get("created")
+    if hasattr(m, "timestamp"):
+        m = m.timestamp()
+    return float(m) if m is not None else 0.0
+
+
+def mtime(fs: fsspec.AbstractFileSystem, path: str) -> float:
+    fs.invalidate_cache(path)
+    return entry_mtime(fs.info(path))
+
+
+class NotExclusive(OSError):
+    pass
+
+
+def probe_exclusive_create(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+    """Refuse a backend whose exclusive create is not exclusive (fsspec's default create is exists-then-write,
+    so two writers could both create spec.json or a lease): create one probe object twice; the second must fail."""
+    from fsspec.asyn import AsyncFileSystem
+    from fsspec.spec import AbstractFileSystem
+
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    backend = f"{type(fs).__module__}.{type(fs).__name__} ({proto}://)"
+    # async backends (s3fs, gcsfs...) implement _pipe_file themselves; the probe below tests what they do
+    inherits_default = not isinstance(fs, AsyncFileSystem) and type(fs).pipe_file is AbstractFileSystem.pipe_file
+    if not is_local(fs) and inherits_default:
+        raise NotExclusive(f"the storage backend {backend} creates files with fsspec's default exists-then-write, "
+                           f"which two writers can both pass; the store needs an atomic exclusive create "
+                           f"(local disks, S3 conditional PUT) and refuses to write there")
+    path = join(folder, uuid.uuid4().hex)
+    try:
+        first = create_exclusive(fs, path, b"probe")
+        second = create_exclusive(fs, path, b"probe")
+    finally:
+        try:
+            fs.rm_file(path)
+        except OSError:
+            pass
+    if not first or second:
+        raise NotExclusive(f"the storage backend {backend} does not "
+                           f"create files exclusively (a second create of {path} succeeded); concurrent writers "
+                           f"could overwrite each other's spec and leases, so the store refuses to write there")

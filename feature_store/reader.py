@@ -1,8 +1,10 @@
 """Readers over a KEY: a webdataset pipeline for torch, and a Ray Dataset for Ray Train.
 
-Both read the shards of one snapshot (so a run is reproducible even after the KEY has grown), yield only
-the samples that snapshot's index lists, take labels from the index (authoritative: a renamed video's
-labels change there, not in the shard), and decode with our own no-pickle decoders.
+Both read the shards of one version (so a run is reproducible even after the KEY has grown), yield only
+the samples that version's index lists, take labels from the index (authoritative: a renamed video's
+labels change there, not in the shard), and decode with our own no-pickle decoders. The driver needs only the
+version's shard list; each reader reads the index rows of its own shards (an Arrow filter), never the whole
+index. `shard_urls` gives the same shard list as URLs for plain `webdataset`.
 
 Each sample is a dict: sample_key, video_sha256, frames (uint8 [T, S, S, 3]), targets (float [T, D]),
 patches (optional), labels (dict), meta (dict).
@@ -17,7 +19,10 @@ from typing import Any, Callable, Iterator
 from . import fsutil
 from .shards import parse_sample
 from .splits import is_heldout
-from .store import FeatureStore, Snapshot, table_rows
+from .records import table_rows
+from .store import FeatureStore, Snapshot
+
+ROW_COLUMNS = ["sample_key", "video_sha256", "labels", "shard"]
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,16 @@ class SplitFilter:
         return held if self.split == "heldout" else not held
 
 
-def index_by_key(snapshot: Snapshot) -> dict[str, dict[str, Any]]:
-    return {r["sample_key"]: r for r in table_rows(snapshot.index)}
+def rows_by_key(snapshot: Snapshot, shards: list[str]) -> dict[str, dict[str, Any]]:
+    """sample_key -> (video_sha256, labels, shard) for the samples of these shards only."""
+    return {r["sample_key"]: r for r in table_rows(snapshot.rows_for_shards(shards, ROW_COLUMNS))}
+
+
+def shard_urls(root: str, key: str, *, version: int | None = None, storage_options: dict | None = None) -> list[str]:
+    """The shards of one version as URLs, for plain `webdataset.WebDataset(urls)` (which then reads every
+    sample in them, including a rare duplicate copy the index skips; use iter_samples for exact samples)."""
+    store = FeatureStore(root, storage_options)
+    return store.open(key, version).shard_urls()
 
 
 def open_shard(store: FeatureStore, key: str, shard: str):
@@ -72,17 +85,19 @@ def iter_samples(store: FeatureStore, snapshot: Snapshot, *, rank: int = 0, worl
     fewer shards than readers, every reader opens every shard and keeps every n-th sample instead, so the
     parts stay disjoint. A shuffle buffer then mixes samples across the reader's shards.
     """
-    rows = index_by_key(snapshot)
-    shards = sorted({r["shard"] for r in rows.values()})
+    shards = list(snapshot.shard_names())
     random.Random(seed * 100_003 + epoch).shuffle(shards)
     readers, me = world_size * num_workers, rank * num_workers + worker_id
 
     def stream() -> Iterator[dict[str, Any]]:
         if len(shards) >= readers:
-            for shard in partition(shards, me, readers):
+            mine = partition(shards, me, readers)
+            rows = rows_by_key(snapshot, mine)
+            for shard in mine:
                 yield from iter_shard(store, snapshot, shard, rows, split)
         else:
             i = 0
+            rows = rows_by_key(snapshot, shards)
             for shard in shards:
                 for sample in iter_shard(store, snapshot, shard, rows, split):
                     if i % readers == me:
@@ -117,6 +132,7 @@ def torch_dataset(root: str, key: str, *, version: int | None = None, storage_op
 
     store = FeatureStore(root, storage_options)
     snapshot = store.open(key, version)
+    snapshot.shard_names()  # computed once here; loader workers inherit it and read only their shards' rows
     if rank is None or world_size is None:
         on = dist.is_available() and dist.is_initialized()
         rank, world_size = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
@@ -149,15 +165,12 @@ def ray_dataset(root: str, key: str, *, version: int | None = None, storage_opti
 
     store = FeatureStore(root, storage_options)
     snapshot = store.open(key, version)
-    shards = sorted({r["shard"] for r in table_rows(snapshot.index)})
-    root_, opts, version_ = store.root, store.storage_options, snapshot.version
+    shards = snapshot.shard_names()
 
     def read(item: dict[str, Any]) -> list[dict[str, Any]]:
-        st = FeatureStore(root_, opts)
-        snap = st.open(key, version_)
-        rows = index_by_key(snap)
+        rows = rows_by_key(snapshot, [item["shard"]])  # the snapshot travels small (see Snapshot.__getstate__)
         out = []
-        for s in iter_shard(st, snap, item["shard"], rows, split):
+        for s in iter_shard(snapshot.store, snapshot, item["shard"], rows, split):
             s["meta"] = json.dumps(s["meta"], sort_keys=True)
             s["labels"] = json.dumps(s["labels"], sort_keys=True)
             out.append(s)

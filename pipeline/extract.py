@@ -17,8 +17,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from feature_store.spec import FeatureSpec, SamplingSpec, StorageSpec, TeacherSpec
-from feature_store.store import CommitBatch, FeatureStore, Fidelity, ShardRecord, TargetStats, new_run_id, table_rows
-from pipeline.plan import Plan, VideoInput, known_hashes, make_plan
+
+from feature_store.ledger import FAILURES_SCHEMA, cause_of, judge_version
+from feature_store.snapshot import Snapshot
+from feature_store.store import HEARTBEAT_S, CommitBatch, FeatureStore, Fidelity, ShardRecord, TargetStats, new_run_id
+from pipeline.plan import Plan, VideoInput, index_for_inputs, index_for_listing, known_hashes, make_plan
 from pipeline.sources import VideoRef, hash_video, list_videos, stat_video
 from pipeline.stages import DecodeStage, TeacherStage, WriteStage, failure_record
 
@@ -38,6 +41,7 @@ class ExtractConfig:
     size: int | None = None
     max_failure_fraction: float = 0.5
     max_attempts: int = 3
+    retry_failed: bool = False  # retry every failed video once, whatever the ledger says
     decode_timeout: float = 300.0
     batch_size: int = 64
     teacher_actors: int | None = None
@@ -60,24 +64,25 @@ def resolve_feature_spec(cfg: ExtractConfig) -> FeatureSpec:
     return feature_spec_for(cfg.teacher, cfg.sampling, cfg.storage, size=cfg.size)
 
 
-def identify_videos(refs: list[VideoRef], index_rows: list[dict[str, Any]], storage_options: dict[str, Any],
+def identify_videos(refs: list[VideoRef], snapshot: Snapshot | None, storage_options: dict[str, Any],
                     connect: Callable[[], None]) -> list[VideoInput]:
     """Content hash per video; unchanged files (same source, size, mtime/ETag as stored) are not re-read.
 
     A few files are hashed here in threads; many are hashed across the cluster (I/O bound: a fraction of a
     CPU per task), which is where they are on a large corpus in object storage.
     """
-    known = known_hashes(index_rows)
     inputs: list[VideoInput] = []
-    to_hash: list[dict[str, Any]] = []
-    for i, r in enumerate(refs):
+    for r in refs:
         st = stat_video(r.source, storage_options)
-        v = VideoInput(r.source, r.video_id, dict(r.labels), size=st.size, mtime=st.mtime, error=st.error)
-        if not st.error:
-            v.sha256 = known.get((r.source, st.size, st.mtime), "")
+        inputs.append(VideoInput(r.source, r.video_id, dict(r.labels), size=st.size, mtime=st.mtime, error=st.error))
+    stats = [(v.source, v.size, v.mtime) for v in inputs]
+    known = known_hashes(stats, index_for_listing(snapshot, stats))
+    to_hash: list[dict[str, Any]] = []
+    for i, v in enumerate(inputs):
+        if not v.error:
+            v.sha256 = known[i]
             if not v.sha256:
-                to_hash.append({"i": i, "source": r.source, "size": st.size})
-        inputs.append(v)
+                to_hash.append({"i": i, "source": v.source, "size": v.size})
 
     def _hash(row: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -164,7 +169,7 @@ class Lease:
     """Keeps this run's lease fresh while it runs, so `store gc` leaves its files alone even when no shard
     arrives for a long time (a slow teacher, a stuck decoder waiting for its timeout)."""
 
-    def __init__(self, store: FeatureStore, key: str, run_id: str, every_s: float = 60.0):
+    def __init__(self, store: FeatureStore, key: str, run_id: str, every_s: float = HEARTBEAT_S):
         import threading
 
         self.store, self.key, self.run_id = store, key, run_id
@@ -215,16 +220,22 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
     """Run (or dry-run) an extraction. `connect()` is called before the first use of Ray (to join or start a
     cluster); a run with nothing to compute never starts one."""
     t_start = time.perf_counter()
+    used_ray: list[bool] = []
+
+    def connect_once() -> None:  # noted, so a run that needed no Ray can say so
+        if not used_ray:
+            used_ray.append(True)
+            connect()
+
     store = FeatureStore(cfg.store, cfg.storage_options)
     spec = resolve_feature_spec(cfg)
     key = spec.key
     refs = list_videos(cfg.videos, cfg.storage_options)
     snapshot = store.open(key) if key in store.keys() else None
-    index_rows = table_rows(snapshot.index) if snapshot else []
-    failure_rows = table_rows(snapshot.failures) if snapshot else []
-    inputs = identify_videos(refs, index_rows, cfg.storage_options, connect)
-    plan = make_plan(inputs, index_rows, failure_rows, max_attempts=cfg.max_attempts,
-                     segment_frames=cfg.sampling.segment_frames)
+    failures = snapshot.failures if snapshot else FAILURES_SCHEMA.empty_table()
+    inputs = identify_videos(refs, snapshot, cfg.storage_options, connect_once)
+    plan = make_plan(inputs, index_for_inputs(snapshot, inputs), failures, max_attempts=cfg.max_attempts,
+                     segment_frames=cfg.sampling.segment_frames, retry_failed=cfg.retry_failed)
     base = {"store": cfg.store, "key": key, "teacher": cfg.teacher.model, "videos_total": len(refs)}
     if cfg.dry_run:
         return {**base, "dry_run": True, **plan.summary(),
@@ -235,7 +246,12 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
     store.ensure_key(spec)
     run_id = new_run_id()
     lease = Lease(store, key, run_id)
-    pending = CommitBatch(run_id=run_id, metadata_updates=plan.metadata_updates)
+    judged_by = judge_version()
+
+    def new_batch(**kw: Any) -> CommitBatch:
+        return CommitBatch(run_id=run_id, max_attempts=cfg.max_attempts, judged_by=judged_by, **kw)
+
+    pending = new_batch(metadata_updates=plan.metadata_updates)
     for v in plan.unreadable:
         pending.failures.append(json.loads(failure_record(sha256="", source=v.source, stage="read",
                                                           error=v.error.split(":")[0], message=v.error)))
@@ -245,6 +261,7 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
     expected = {w.sha256: None for w in plan.compute}  # segments still to come, filled from the first row
     got: dict[str, int] = defaultdict(int)
     have = {w.sha256: len(w.have_segments) for w in plan.compute}
+    failed_before = {w.sha256 for w in plan.compute if w.attempts}  # their ledger entries clear on success
     progress = Progress(len(plan.compute), cfg.progress)
     last_commit = time.perf_counter()
     teacher_spans: list[tuple[float, float]] = []  # (first teacher call start, last end) per shard
@@ -253,17 +270,21 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
         nonlocal pending, last_commit
         if not pending.empty():
             store.commit(key, pending)
-        pending = CommitBatch(run_id=run_id)
+        pending = new_batch()
         last_commit = time.perf_counter()
 
+    failed_ids: set[str] = set()
     try:  # the lease must stop with the run, also when it fails (a long-lived caller goes on)
         if plan.compute:
-            connect()
+            connect_once()
             ds = build_dataset(cfg, spec, store, key, run_id, plan)
             for row in ds.iter_rows():
                 p = json.loads(row["payload"])
                 if "failure" in p:
-                    f = p["failure"]
+                    f = {**p["failure"], "cause": cause_of(p["failure"]["error"], p["failure"].get("retryable", True))}
+                    if f["failure_id"] in failed_ids:  # a video failing on several segments fails once per run
+                        continue
+                    failed_ids.add(f["failure_id"])
                     pending.failures.append(f)
                     failures_by_reason[f["error"]] += 1
                     counters["videos_failed"] += 1
@@ -273,8 +294,10 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
                     rec = ShardRecord(**p["shard"])
                     pending.shards.append(rec)
                     pending.rows.extend(p["rows"])
-                    pending.stats = pending.stats.merge(TargetStats(**p["stats"]))
-                    pending.fidelity = pending.fidelity.merge(Fidelity(**p["fidelity"]))
+                    pending.shard_stats[rec.name] = TargetStats(**p["stats"])
+                    pending.shard_fidelity[rec.name] = Fidelity(**p["fidelity"])
+                    pending.stats = pending.stats.merge(pending.shard_stats[rec.name])
+                    pending.fidelity = pending.fidelity.merge(pending.shard_fidelity[rec.name])
                     timing.update(p["timing"])
                     counters["samples_written"] += rec.count
                     counters["bytes_written"] += rec.bytes
@@ -289,7 +312,8 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
                         got[sha] += 1
                         if sha in expected and got[sha] + have[sha] >= r["segments_total"]:
                             expected.pop(sha)
-                            pending.succeeded.append(f"sha:{sha}")
+                            if sha in failed_before:
+                                pending.succeeded.append(f"sha:{sha}")
                             finished += 1
                     counters["videos_new_ok"] += finished
                     progress.update(done=finished, frames=frames, shards=1)
@@ -317,7 +341,7 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
         "videos_quarantined": len(plan.quarantined),
         "videos_duplicate": len(plan.duplicates),
         "failures_by_reason": dict(failures_by_reason),
-        "samples": snap.index.num_rows,
+        "samples": snap.manifest["counts"]["samples"],
         "samples_written": counters["samples_written"],
         "shards": len(snap.shards),
         "shards_written": counters["shards_written"],
@@ -326,6 +350,7 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
         "frames_reused": plan.frames_reused,
         "metadata_updates": len(plan.metadata_updates),
         "wall_s": round(wall, 3),
+        "used_ray": bool(used_ray),
         "frames_per_s": round(frames_computed / wall, 2) if wall else None,
         "steady_frames_per_s": steady_rate(frames_computed, teacher_spans),
         "stage_busy_s": {k: round(v, 3) for k, v in timing.items()},
@@ -335,7 +360,7 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
     if n_inputs and failed / n_inputs > cfg.max_failure_fraction:
         result["_exit_code"] = 3
         result["error"] = (f"{failed} of {n_inputs} videos failed (more than --max-failure-fraction "
-                           f"{cfg.max_failure_fraction}); see failures.parquet in {cfg.store}/{key}")
+                           f"{cfg.max_failure_fraction}); see `subsume store failures {cfg.store} {key}`")
     return result
 
 

@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-failure-fraction", type=float, default=0.5,
                    help="exit non-zero when more than this fraction of the videos failed (default 0.5)")
     r.add_argument("--max-attempts", type=int, default=3,
-                   help="attempts per failing video across runs before it is quarantined (default 3)")
+                   help="runs that may retry a video failing for a transient cause (timeout, memory, I/O) before "
+                        "it is skipped (default 3); deterministic failures of the same bytes are not retried")
+    r.add_argument("--retry-failed", action="store_true",
+                   help="retry every failed video once more, whatever the failure ledger says")
     r.add_argument("--decode-timeout", type=float, default=300.0,
                    help="seconds one video may take to decode before its decoder is killed (default 300)")
     r.add_argument("--batch-size", type=int, default=64, help="frames per teacher forward pass (default 64)")
@@ -184,11 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     store_action("ls", "list KEYs with their teacher and sample counts", with_key=False)
     store_action("inspect", "teacher, settings, counts, size, failures and fidelity of a KEY", with_key=True)
-    store_action("verify", "re-read every shard; exit non-zero on any damage", with_key=True)
-    s = store_action("gc", "remove leftovers of killed jobs; optionally whole KEYs", with_key=False)
+    v = store_action("verify", "re-read shards and check them against the index; exit non-zero on any damage",
+                     with_key=True)
+    v.add_argument("--sample", type=float, default=1.0, metavar="F", help="verify a random fraction F of the shards")
+    v.add_argument("--version", type=int, default=None, help="version to verify (default: the latest)")
+    v.add_argument("--ray", action="store_true", help="check the shards in Ray tasks (a large KEY; joins "
+                                                     "RAY_ADDRESS's cluster or starts a local one)")
+    f = store_action("failures", "failed videos of a KEY with reasons and what the next run does", with_key=True)
+    f.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    store_action("upgrade", "convert a KEY written by store format 1 to format 2 (once)", with_key=True)
+    s = store_action("gc", "remove leftovers of killed jobs and expired versions; optionally whole KEYs",
+                     with_key=False)
     s.add_argument("--delete-key", action="append", default=[], metavar="KEY", help="also delete this KEY entirely")
     s.add_argument("--grace", type=float, default=3600.0,
-                   help="seconds a leftover must be older than (and its writer's lease expired) (default 3600)")
+                   help="seconds a leftover must be older than, on the storage's clock (default 3600; never less "
+                        "than the 15-minute floor, far above the writers' 60 s heartbeat)")
+    s.add_argument("--keep-last", type=int, default=None, metavar="N", help="retain the N latest versions")
+    s.add_argument("--keep-since", default=None, metavar="TIME",
+                   help="retain versions committed at or after TIME (ISO 8601, e.g. 2026-11-01T00:00:00Z)")
+    s.add_argument("--keep", type=int, action="append", default=[], metavar="VERSION", help="retain this version")
 
     # demo ------------------------------------------------------------------------------------------------
     p = sub.add_parser("demo", help="generate sample videos and a demo teacher, then extract, train and eval",

@@ -65,6 +65,7 @@ def extract_config(args: argparse.Namespace):
         videos=args.videos, store=args.store, teacher=_teacher(args), sampling=_sampling(args),
         storage=StorageSpec(frame_encoding=args.frame_encoding, target_dtype=args.target_dtype), size=args.size,
         max_failure_fraction=args.max_failure_fraction, max_attempts=args.max_attempts,
+        retry_failed=args.retry_failed,
         decode_timeout=args.decode_timeout, batch_size=args.batch_size, teacher_actors=args.teacher_actors,
         decode_concurrency=args.decode_concurrency, samples_per_shard=args.samples_per_shard,
         commit_every_shards=args.commit_every, max_in_flight=args.max_in_flight,
@@ -236,11 +237,15 @@ def cmd_store_verify(args: argparse.Namespace) -> dict[str, Any]:
     from feature_store.store import KeyNotFound
 
     try:
-        rep = verify(_store(args), args.key)
+        if args.ray:
+            import ray
+
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING")
+        rep = verify(_store(args), args.key, args.version, sample=args.sample, on_ray=args.ray)
     except KeyNotFound as e:
         raise CliError(str(e)) from e
     out = {"key": rep.key, "version": rep.version, "ok": rep.ok, "shards_checked": rep.shards_checked,
-           "samples_checked": rep.samples_checked, "problems": rep.problems}
+           "samples_checked": rep.samples_checked, "problems": rep.problems, "notes": rep.notes}
     if not args.json:
         print(f"{rep.key} v{rep.version}: {rep.shards_checked} shards, {rep.samples_checked} samples checked, "
               f"{len(rep.problems)} problems")
@@ -256,12 +261,56 @@ def cmd_store_gc(args: argparse.Namespace) -> dict[str, Any]:
     from feature_store.maintenance import gc
     from feature_store.store import KeyNotFound
 
+    from feature_store.retention import Retention
+
+    since = None
+    if args.keep_since:
+        import datetime as dt
+
+        since = dt.datetime.fromisoformat(args.keep_since.replace("Z", "+00:00")).timestamp()
+    rule = Retention(keep_last=args.keep_last, keep_since=since, keep=tuple(args.keep))
     try:
-        out = gc(_store(args), grace=args.grace, delete_keys=args.delete_key)
+        out = gc(_store(args), grace=args.grace, delete_keys=args.delete_key, retention=rule)
     except KeyNotFound as e:
         raise CliError(str(e)) from e
     if not args.json:
         print(f"removed {out['count']} leftovers" + "".join(f"\n  {p}" for p in out["removed"]))
+    return out
+
+
+def cmd_store_failures(args: argparse.Namespace) -> dict[str, Any]:
+    from feature_store.maintenance import failures_report
+    from feature_store.store import KeyNotFound
+
+    try:
+        rows = failures_report(_store(args), args.key)
+    except KeyNotFound as e:
+        raise CliError(str(e)) from e
+    cols = ["source", "video_sha256", "stage", "error", "cause", "attempts", "last_attempt", "next_run", "why", "message"]
+    if args.csv and not args.json:
+        import csv
+        import sys
+
+        w = csv.DictWriter(sys.stdout, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    elif not args.json:
+        print(f"{len(rows)} failed videos in {args.key}")
+        for r in rows:
+            print(f"  {r['source']}  {r['error']} ({r['cause']}, {r['attempts']} runs) -> {r['next_run']}: {r['why']}")
+    return {"key": args.key, "failures": [{c: r.get(c) for c in cols} for r in rows]}
+
+
+def cmd_store_upgrade(args: argparse.Namespace) -> dict[str, Any]:
+    from feature_store.upgrade import upgrade_format1
+
+    try:
+        out = upgrade_format1(_store(args), args.key)
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from e
+    if not args.json:
+        print(f"{args.key}: format 1 snapshot {out['from_snapshot']} -> format 2 version {out['version']} "
+              f"({out['samples']} samples, {out['shards']} shards)")
     return out
 
 

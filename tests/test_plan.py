@@ -1,7 +1,10 @@
 import pytest
 
+from feature_store.ledger import FAILURES_SCHEMA, judge_version
+from feature_store.records import INDEX_SCHEMA, rows_table
 from feature_store.store import failure_id
-from pipeline.plan import VideoInput, make_plan
+from pipeline import plan as plan_mod
+from pipeline.plan import VideoInput
 
 
 def row(sha, seg, total, source="/v/a.mp4", vid="a", labels=None, size=10, mtime=1.0):
@@ -9,9 +12,16 @@ def row(sha, seg, total, source="/v/a.mp4", vid="a", labels=None, size=10, mtime
             "source": source, "video_id": vid, "labels": labels or {}, "video_size": size, "video_mtime": mtime}
 
 
-def fail(sha, source, attempts, retryable=True, error="not_a_video"):
+def fail(sha, source, attempts, retryable=True, error="timeout", judged_by=None):
     return {"failure_id": failure_id(sha, source), "video_sha256": sha, "source": source, "attempts": attempts,
-            "retryable": retryable, "error": error}
+            "retryable": retryable, "error": error, "cause": "transient" if retryable else "deterministic",
+            "judged_by": judge_version() if judged_by is None else judged_by}
+
+
+def make_plan(inputs, index_rows, failure_rows, **kw):
+    """The planner takes Arrow tables (a KEY version's index and failure state)."""
+    return plan_mod.make_plan(inputs, rows_table(index_rows, INDEX_SCHEMA), rows_table(failure_rows, FAILURES_SCHEMA),
+                              **kw)
 
 
 def vi(source, sha, vid="a", labels=None, error="", size=10, mtime=1.0):
@@ -38,11 +48,29 @@ def test_renamed_video_is_reused_with_its_metadata_updated():
 
 
 def test_failed_videos_are_retried_until_quarantined():
-    failures = [fail("F", "/v/f.mp4", 2), fail("G", "/v/g.mp4", 3), fail("H", "/v/h.mp4", 1, retryable=False)]
+    failures = [fail("F", "/v/f.mp4", 2), fail("G", "/v/g.mp4", 3),
+                fail("H", "/v/h.mp4", 1, retryable=False, error="not_a_video")]
     inputs = [vi("/v/f.mp4", "F"), vi("/v/g.mp4", "G"), vi("/v/h.mp4", "H")]
     plan = make_plan(inputs, [], failures, max_attempts=3, segment_frames=4)
     assert [w.sha256 for w in plan.compute] == ["F"]
     assert sorted(v.sha256 for v, _ in plan.quarantined) == ["G", "H"]
+
+
+def test_deterministic_failures_are_retried_only_when_the_judge_changed_or_forced():
+    same = fail("H", "/v/h.mp4", 1, retryable=False, error="not_a_video")
+    older = fail("J", "/v/j.mp4", 1, retryable=False, error="corrupt", judged_by="decord-0.5/judge-1")
+    inputs = [vi("/v/h.mp4", "H"), vi("/v/j.mp4", "J")]
+    plan = make_plan(inputs, [], [same, older], max_attempts=3, segment_frames=4)
+    assert [w.sha256 for w in plan.compute] == ["J"] and [v.sha256 for v, _ in plan.quarantined] == ["H"]
+    forced = make_plan(inputs, [], [same, older], max_attempts=3, segment_frames=4, retry_failed=True)
+    assert sorted(w.sha256 for w in forced.compute) == ["H", "J"]
+
+
+def test_known_hashes_is_a_join_on_source_size_and_mtime():
+    index = rows_table([{**row("A", 0, 1, source="/v/a.mp4"), "sample_key": "k1"},
+                        {**row("B", 0, 1, source="/v/b\udcff.mp4", size=20), "sample_key": "k2"}], INDEX_SCHEMA)
+    stats = [("/v/a.mp4", 10, 1.0), ("/v/a.mp4", 11, 1.0), ("/v/b\udcff.mp4", 20, 1.0), ("/v/c.mp4", 10, 1.0)]
+    assert plan_mod.known_hashes(stats, index) == ["A", "", "B", ""]
 
 
 def test_same_bytes_twice_in_one_input_are_computed_once():
@@ -57,7 +85,7 @@ def test_unreadable_inputs_are_reported_not_computed():
 
 
 def test_unreadable_inputs_are_quarantined_after_max_attempts():
-    plan = make_plan([vi("/v/gone.mp4", "", error="missing")], [], [fail("", "/v/gone.mp4", 3, error="missing")],
+    plan = make_plan([vi("/v/gone.mp4", "", error="missing")], [], [fail("", "/v/gone.mp4", 3, error="unreadable")],
                      max_attempts=3, segment_frames=4)
     assert not plan.unreadable and len(plan.quarantined) == 1
 

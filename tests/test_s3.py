@@ -9,7 +9,16 @@ import pytest
 from feature_store.maintenance import gc, verify
 from feature_store.reader import iter_samples
 from feature_store.store import FeatureStore
-from tests.storehelpers import add_video, small_spec
+from tests.storehelpers import add_video, moto_server_process, small_spec
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """Overrides the shared (threaded, in-process) moto server: see moto_server_process."""
+    endpoint, proc = moto_server_process()
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
 
 
 def test_store_round_trip_on_s3(s3_env):
@@ -65,6 +74,6 @@ def test_gc_on_s3_removes_orphans(s3_env):
     add_video(store, key, "a", 1)
     orphan = f"{store.key_path(key)}/shards/20200101000000-deadbeef-x.tar"
     store.fs.pipe_file(orphan, b"never committed")
-    out = gc(store, grace=-1)  # everything counts as old
+    out = gc(store, grace=0, now=store.storage_now(key) + 3600)  # an hour later on the storage's clock
     assert any("deadbeef" in r for r in out["removed"])
     assert verify(store, key).ok

@@ -1,18 +1,16 @@
 """The store's contract on a local disk: snapshots, concurrent commits, verify, gc, readers."""
 
-import json
 import os
 import threading
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
 from feature_store.maintenance import gc, inspect, verify
 from feature_store.reader import SplitFilter, iter_samples, torch_dataset
-from feature_store.store import CommitBatch, FeatureStore, KeyNotFound, failure_id
+from feature_store.store import CommitBatch, FeatureStore, KeyNotFound, failure_id, table_rows
 from tests.storehelpers import S, T, D, add_video, small_spec, video_sha
 
 
@@ -28,18 +26,21 @@ def key():
     return small_spec().key
 
 
-def test_commit_publishes_a_snapshot_and_the_latest_copies(store, key, tmp_path):
+def test_commit_publishes_a_version_in_delta_tables(store, key, tmp_path):
+    from deltalake import DeltaTable
+
     snap = add_video(store, key, "a", 3)
     assert snap.version == 1 and snap.index.num_rows == 3
+    assert snap.manifest["counts"]["samples"] == 3 and snap.manifest["version"] == 1
     kdir = tmp_path / "store" / key
-    manifest = json.loads((kdir / "manifest.json").read_text())
-    assert manifest["counts"]["samples"] == 3 and manifest["version"] == 1
-    shard = manifest["shards"][0]
-    assert (kdir / shard["name"]).stat().st_size == shard["bytes"] and len(shard["sha256"]) == 64
-    index = pq.read_table(kdir / "index.parquet")
+    shard = snap.shards[0]
+    assert (kdir / shard.name).stat().st_size == shard.bytes and len(shard.sha256) == 64
+    index = DeltaTable(str(kdir / "tables" / "index")).to_pyarrow_table()  # any Delta reader opens it
+    assert DeltaTable(str(kdir / "tables" / "index")).version() == snap.version
     assert set(index.column_names) >= {"sample_key", "video_id", "source", "segment", "frame_indices", "timestamps",
                                         "labels", "shard"}
-    assert (kdir / "failures.parquet").exists()
+    assert DeltaTable(str(kdir / "tables" / "shards")).to_pyarrow_table().column("name").to_pylist() == [shard.name]
+    assert (kdir / "tables" / "failures" / "_delta_log").is_dir()
     assert not any(k.startswith(".") or "." in k for k in index.column("sample_key").to_pylist())
 
 
@@ -97,11 +98,13 @@ def test_failure_ledger_counts_attempts_and_clears_on_success(store, key):
     fail = {"failure_id": failure_id(sha, "/v/bad.mp4"), "video_sha256": sha, "source": "/v/bad.mp4",
             "stage": "decode", "error": "not_a_video", "message": "x", "attempts": 1, "retryable": True,
             "last_attempt": "now"}
-    store.commit(key, CommitBatch(failures=[fail]))
-    snap = store.commit(key, CommitBatch(failures=[fail]))
-    assert snap.failures.to_pylist()[0]["attempts"] == 2
-    snap = store.commit(key, CommitBatch(succeeded=[fail["failure_id"]]))
+    store.commit(key, CommitBatch(failures=[fail, fail], run_id="20260101000000-run00001"))  # two segments
+    store.commit(key, CommitBatch(failures=[fail], run_id="20260101000000-run00001"))  # same run again
+    snap = store.commit(key, CommitBatch(failures=[fail], run_id="20260101000000-run00002"))
+    assert snap.failures.to_pylist()[0]["attempts"] == 2  # one attempt per video per run
+    snap = store.commit(key, CommitBatch(succeeded=[fail["failure_id"]], run_id="20260101000000-run00003"))
     assert snap.failures.num_rows == 0
+    assert store.open(key, snap.version - 1).failures.num_rows == 1  # older versions keep their view
 
 
 def test_metadata_update_changes_source_and_labels_not_targets(store, key):
@@ -109,7 +112,7 @@ def test_metadata_update_changes_source_and_labels_not_targets(store, key):
     before = {s["sample_key"]: s["targets"] for s in iter_samples(store, store.open(key))}
     snap = store.commit(key, CommitBatch(metadata_updates=[{"video_sha256": video_sha("a"), "source": "/new/a.mp4",
                                                             "video_id": "a2", "labels": {"shape": "square"}}]))
-    rows = snap.index.to_pylist()
+    rows = table_rows(snap.index)
     assert {r["source"] for r in rows} == {"/new/a.mp4"} and {r["video_id"] for r in rows} == {"a2"}
     after = list(iter_samples(store, snap))
     assert all(s["labels"] == {"shape": "square"} for s in after)
@@ -166,12 +169,10 @@ def test_gc_removes_dead_leftovers_but_not_a_live_writers(store, key, tmp_path):
     (kdir / "_tmp" / "20260101000000-live0001").mkdir(parents=True, exist_ok=True)
     (kdir / "_tmp" / "20260101000000-live0001" / "y.tar").write_bytes(b"partial")
     (kdir / "shards" / "20260101000000-dead0001-orphan.tar").write_bytes(b"never committed")
-    store.heartbeat(key, "20260101000000-live0001")
-    later = time.time() + 120
     for p in kdir.rglob("*"):
-        os.utime(p, (time.time() - 600, time.time() - 600))
+        os.utime(p, (time.time() - 7200, time.time() - 7200))
     store.heartbeat(key, "20260101000000-live0001")
-    out = gc(store, grace=300, now=later - 100)
+    out = gc(store, grace=0)  # raised to the floor: two-hour-old leftovers go, the fresh lease stays
     removed = " ".join(out["removed"])
     assert "dead0001" in removed and "orphan" in removed
     assert (kdir / "_tmp" / "20260101000000-live0001" / "y.tar").exists()
