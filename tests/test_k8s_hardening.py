@@ -21,8 +21,8 @@ from tests.test_k8s import (SENSITIVE, containers, find, mounted_file, objects_o
 GIB = 2**30
 # The extraction driver at 10^6 videos: an ESTIMATE (docs/kubernetes.md, "Sizing the head"), to be replaced by
 # the ingest_scale benchmark's measurement. Required of every cluster that plans >= 10^6 videos.
-EXTRACT_HEAD_GIB_AT_1M = 32
-TRAIN_HEAD_GIB_AT_1M = 16  # the KEY's index as Arrow (~0.4 KB a sample, 3 samples a video) + the Train controller
+EXTRACT_HEAD_GIB_AT_1M = 48
+TRAIN_HEAD_GIB_AT_1M = 16  # the KEY's index as Arrow (~0.5 KB a sample, 7.5 samples a video) + the Train controller
 LARGE = 10**6
 # Throughput per unit (docs/kubernetes.md, "Deadlines"): CLIP ViT-B/16 in bf16 on one data-centre GPU; decoding
 # 640x480 H.264 sampled at 4 fps per CPU core; the same teacher on one CPU core. Estimates, not measurements.
