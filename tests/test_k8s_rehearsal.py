@@ -13,10 +13,14 @@ Job name), then run here as the head's container would run it, with
 - the hub teacher (openai/clip-vit-base-patch16 at the pinned commit) as a stand-in saved in the mapped
   Hugging Face cache under that commit, with CLIP ViT-B/16's preprocessing (224 px); HF_HUB_OFFLINE=1.
 
-Only counts are scaled down (training steps and batch size; a few short videos). Every setting that names the
-KEY or shapes the student stays as rendered, so a training config that does not fit the extraction beside it
-fails here. Before training, the teacher's weights are taken out of the cache: a training pod finds its KEY
-without loading them.
+Only counts are scaled down (training steps and batch size; a few short videos), and on the GPU overlays what
+needs a GPU is put on this machine's CPUs (ON_CPU: the device, --use-gpu, the actor and worker counts). Every
+setting that names the KEY or shapes the student stays as rendered (bf16 included), so a training config that
+does not fit the extraction beside it fails here. Before training, the teacher's weights are taken out of the
+cache: a training pod finds its KEY without loading them.
+
+Two overlays run: cpu-dev (PVC store, CronJob) and gpu-raycronjob (S3 store, RayCronJob, the GPU entrypoints);
+gpu and gpu-pvc run the very same entrypoints (checked below), with the store on S3 and on a PVC respectively.
 """
 
 from __future__ import annotations
@@ -34,12 +38,15 @@ from tests.conftest import VENV_BIN, cli_env
 from tests.test_k8s import (KUBECTL, command_argv, fake_kubectl, objects_of, parse_cli, render,  # noqa: F401
                             run_creator, submitter_env)
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 HUB_TEACHER = "openai/clip-vit-base-patch16"  # the stand-in below has its preprocessing
 SCALE_DOWN = {"train": ["--steps", "2", "--set", "data.batch_size=1", "--set", "checkpoint_every=2",
                         "--set", "log_every=1"]}
 N_VIDEOS = 5
+# A GPU overlay's flags on this machine's CPUs: (flag, what it becomes); None drops a switch. The student's bf16
+# autocast is dropped too (--set precision=...: hours on CPUs without bf16 units; it changes no shape or KEY).
+ON_CPU = {"--device": "cpu", "--use-gpu": None, "--workers": "2", "--teacher-actors": "1", "--decode-concurrency": "1"}
+REHEARSED = ("cpu-dev", "gpu-raycronjob")
 
 
 def save_clip_b16_stand_in(folder: Path) -> Path:
@@ -147,9 +154,25 @@ def job_command(name: str, spec: dict, objs: list[dict], scratch: Path) -> tuple
     argv = command_argv(spec["entrypoint"], submitter_env(spec, objs, name))
     ns, complaint = parse_cli(argv)
     assert ns is not None, f"{name}: {complaint}"
-    argv = [map_path(w, mounts, scratch) for w in argv] + SCALE_DOWN.get(ns.command, [])
+    argv = on_cpu([map_path(w, mounts, scratch) for w in argv]) + SCALE_DOWN.get(ns.command, [])
     env = {**head_env(spec, objs, mounts, scratch), "HF_HUB_OFFLINE": "1"}
     return argv, env
+
+
+def on_cpu(argv: list[str]) -> list[str]:
+    out, words = [], iter(argv)
+    for w in words:
+        if w == "--set":
+            value = next(words)
+            out += [] if value.startswith("precision=") else [w, value]
+            continue
+        if w in ON_CPU:
+            if ON_CPU[w] is not None:
+                next(words)
+                out += [w, ON_CPU[w]]
+            continue
+        out.append(w)
+    return out
 
 
 def run_subsume(argv: list[str], env: dict[str, str], ray_address: str, cwd: Path) -> dict:
@@ -198,20 +221,37 @@ def few_videos(tmp_path_factory) -> list[Path]:
     return sorted(out.rglob("*.mp4"))
 
 
-def test_cpu_dev_overlay_runs_as_deployed(ray_address, standin, few_videos, fake_kubectl, tmp_path):
+def entrypoints(objs: list[dict]) -> set[str]:
+    return {o["spec"]["entrypoint"] for o in objects_of(objs, "RayJob").values()} | {
+        o["spec"]["jobTemplate"]["entrypoint"] for o in objects_of(objs, "RayCronJob").values()}
+
+
+def test_every_entrypoint_is_among_the_rehearsed():
     if KUBECTL is None:
         pytest.skip("kubectl not found on PATH: the rehearsal renders the overlays with `kubectl kustomize`")
-    objs = render("cpu-dev")
+    from tests.test_k8s import OVERLAYS
+
+    rehearsed = set().union(*(entrypoints(render(o)) for o in REHEARSED))
+    for overlay in OVERLAYS:
+        assert entrypoints(render(overlay)) <= rehearsed, overlay
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("overlay", REHEARSED)
+def test_overlay_runs_as_deployed(overlay, ray_address, standin, few_videos, fake_kubectl, tmp_path):
+    if KUBECTL is None:
+        pytest.skip("kubectl not found on PATH: the rehearsal renders the overlays with `kubectl kustomize`")
+    objs = render(overlay)
     jobs = jobs_in_order(objs, fake_kubectl)
-    entrypoints = {spec["entrypoint"] for _, spec in jobs}
-    assert entrypoints >= {o["spec"]["entrypoint"] for o in objects_of(objs, "RayJob").values()}, "a job not rehearsed"
+    assert {spec["entrypoint"] for _, spec in jobs} == entrypoints(objs), "a job not rehearsed"
     scratch = tmp_path / "cluster"
     results: dict[str, dict] = {}
     for name, spec in jobs:
         argv, env = job_command(name, spec, objs, scratch)
         command = argv[1]
         if command == "extract":
-            videos = Path(parse_cli(argv)[0].videos)
+            videos = Path(parse_cli(argv)[0].videos)  # s3://BUCKET/videos or /data/videos, mapped
             videos.mkdir(parents=True, exist_ok=True)
             for v in few_videos:
                 shutil.copy(v, videos / v.name)
@@ -225,6 +265,7 @@ def test_cpu_dev_overlay_runs_as_deployed(ray_address, standin, few_videos, fake
     assert extract.get("alias"), "extraction recorded no alias for the hub teacher"
     assert train["key"] == extract["key"]
     assert train["steps"] == 2 and os.path.isdir(train["checkpoint"])
-    # The run folder is the scheduled RayJob's own, on the data volume.
+    # The run folder is the scheduled RayJob's own, on the data volume; the store where the overlay puts it.
     assert str(scratch / "pvc" / "subsume-data" / "runs") in train["out"]
+    assert (overlay == "cpu-dev") == (str(scratch / "pvc") in extract["store"])
     assert yaml.safe_load((Path(train["out"]) / "config.yaml").read_text())["student"]["image_size"] == 224
