@@ -89,8 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos", required=True, metavar="SRC",
                    help="a folder (searched recursively), a glob, or a manifest (.txt one path a line; .csv or "
                         ".parquet with a 'path' column, optional 'video_id', other columns are labels)")
-    p.add_argument("--store", required=True, metavar="ROOT", help="store root: a folder or an fsspec URL (s3://...)")
-    _add_feature_flags(p)
+    p.add_argument("--store", default=None, metavar="ROOT",
+                   help="store root: a folder or an fsspec URL (s3://...); overrides the --config file's store")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="extraction config naming the KEY: teacher, revision, sampling, storage (see "
+                        "configs/extract.yaml); the KEY flags below are then refused")
+    _add_feature_flags(p, for_lookup=True)  # --teacher: required unless --config names it
     r = p.add_argument_group("run")
     r.add_argument("--max-failure-fraction", type=float, default=0.5,
                    help="exit non-zero when more than this fraction of the videos failed (default 0.5)")
@@ -132,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature KEY to train on; or give --teacher and sampling flags (or --config) to find it")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (metrics, checkpoints, exports)")
     p.add_argument("--config", default=None, metavar="YAML", help="run config file (see configs/)")
+    p.add_argument("--features", default=None, metavar="YAML",
+                   help="the extraction config (extract --config) whose KEY to train on; found through the "
+                        "alias extraction recorded, without loading the teacher")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one config field, e.g. --set student.arch=vit (repeatable)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the config)")

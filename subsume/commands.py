@@ -16,8 +16,14 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_DEFAULT_REGION", "AWS_REGION", "HF_TOKEN", "HF_HOME", "HF_HUB_OFFLINE")
+# Settings (never credentials) that reach the cluster's workers with the job. Ray keeps a job's runtime_env
+# (its dashboard and job records show it), so keys and tokens stay on the nodes: Kubernetes pods get them
+# from secretKeyRef, a `ray start` elsewhere from its own environment; a local ray.init() shares the driver's.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HOME", "HF_HUB_OFFLINE")
+
+
+def forwarded_env(environ: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k in FORWARDED_ENV}
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -28,8 +34,7 @@ def ensure_ray(address: str | None = None) -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True, "logging_level": "WARNING"}
-    # Storage credentials reach the cluster's workers with the job (pods on Kubernetes have them already).
-    forwarded = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV}
+    forwarded = forwarded_env(dict(os.environ))
     if forwarded:
         kwargs["runtime_env"] = {"env_vars": forwarded}
     addr = address or os.environ.get("RAY_ADDRESS")
@@ -57,13 +62,60 @@ def _teacher(args: argparse.Namespace):
                        trust_remote_code=args.trust_remote_code, precision=args.precision)
 
 
-def extract_config(args: argparse.Namespace):
+KEY_FLAGS = ("teacher", "revision", "output", "patch_grid", "trust_remote_code", "precision", "size", "fps",
+             "stride", "segment_frames", "overlap", "max_frames", "short", "frame_encoding", "target_dtype")
+
+
+def _features_file(path: str | None, args: argparse.Namespace):
+    """The typed KEY file (extract --config / train --features), or None. KEY flags beside it would be a
+    second source of truth, so one that differs from its default is refused."""
+    if path is None:
+        return None
+    from feature_store.features_config import FeaturesConfigError, load_features_config
+    from subsume.cli import _add_feature_flags
+
+    try:
+        features = load_features_config(path)
+    except FeaturesConfigError as e:
+        raise CliError(str(e)) from e
+    bare = argparse.ArgumentParser(add_help=False)
+    _add_feature_flags(bare, for_lookup=True)
+    defaults = vars(bare.parse_args([]))
+    given = [f for f in KEY_FLAGS if getattr(args, f) != defaults[f]]
+    if given:
+        raise CliError(f"{path} names the KEY; --{given[0].replace('_', '-')} beside it is refused (edit the file)")
+    return features
+
+
+def key_settings(args: argparse.Namespace, path: str | None) -> tuple[Any, Any, Any, int | None]:
+    """(TeacherSpec, SamplingSpec, StorageSpec, size): from the KEY file when given, else from the flags."""
     from feature_store.spec import StorageSpec
+
+    features = _features_file(path, args)
+    if features is not None:
+        return features.teacher_spec(), features.sampling_spec(), features.storage_spec(), features.teacher.size
+    if not args.teacher:
+        raise CliError("give --teacher MODEL (with the sampling flags) or a KEY file (extract --config, "
+                       "train --features); train also takes --key KEY")
+    storage = StorageSpec(frame_encoding=args.frame_encoding, target_dtype=args.target_dtype)
+    return _teacher(args), _sampling(args), storage, args.size
+
+
+def _store_root(args: argparse.Namespace) -> str:
+    if args.store:
+        return args.store
+    features = _features_file(args.config, args)
+    if features is None or not features.store:
+        raise CliError("give --store ROOT (or store: in the --config file)")
+    return features.store
+
+
+def extract_config(args: argparse.Namespace):
     from pipeline.extract import ExtractConfig
 
+    teacher, sampling, storage, size = key_settings(args, args.config)
     return ExtractConfig(
-        videos=args.videos, store=args.store, teacher=_teacher(args), sampling=_sampling(args),
-        storage=StorageSpec(frame_encoding=args.frame_encoding, target_dtype=args.target_dtype), size=args.size,
+        videos=args.videos, store=_store_root(args), teacher=teacher, sampling=sampling, storage=storage, size=size,
         max_failure_fraction=args.max_failure_fraction, max_attempts=args.max_attempts,
         retry_failed=args.retry_failed,
         decode_timeout=args.decode_timeout, batch_size=args.batch_size, teacher_actors=args.teacher_actors,
@@ -83,6 +135,7 @@ def cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
         result = run_extract(cfg, connect=lambda: ensure_ray(args.ray_address))
     except (SourceError, FileNotFoundError, OSError, ValueError) as e:
         raise CliError(str(e)) from e
+    _record_alias(cfg, result)
     if not args.json:
         _print_extract_report(result)
     return result
@@ -106,27 +159,54 @@ def _print_extract_report(r: dict[str, Any]) -> None:
           + ", ".join(f"{k} {v:.1f} frames/s" for k, v in r["stage_frames_per_s"].items()))
 
 
-def _find_key(args: argparse.Namespace) -> str:
-    """--key, or the KEY whose spec matches --teacher and the sampling flags."""
+def _record_alias(cfg: Any, result: dict[str, Any]) -> None:
+    """Settings -> KEY, for `train --features` on a pod that must not load the teacher (see features_config)."""
+    from feature_store.features_config import alias_name, alias_request, record_alias
     from feature_store.store import FeatureStore
+
+    request = alias_request(cfg.teacher, cfg.sampling, cfg.storage, cfg.size)
+    if request is None or result.get("dry_run") or not result.get("key"):
+        return
+    record_alias(FeatureStore(cfg.store, cfg.storage_options), request, result["key"])
+    result["alias"] = alias_name(request)
+
+
+def _find_key(args: argparse.Namespace) -> str:
+    """--key; or the KEY that the settings (--features file or flags) name: through the alias extraction
+    recorded when there is one, else by loading the teacher to fingerprint it."""
+    from feature_store.features_config import FeaturesConfigError, alias_name, alias_request, resolve_alias
+    from feature_store.store import FeatureStore, KeyNotFound
+    from feature_store.teacher import feature_spec_for
 
     if args.key:
         return args.key
-    if not args.teacher:
-        raise CliError("give --key KEY, or --teacher MODEL (with the sampling flags used for extract) to find it")
-    from feature_store.spec import StorageSpec
-    from feature_store.teacher import feature_spec_for
-
-    spec = feature_spec_for(_teacher(args), _sampling(args),
-                            StorageSpec(frame_encoding=args.frame_encoding, target_dtype=args.target_dtype),
-                            size=args.size)
+    teacher, sampling, storage, size = key_settings(args, args.features)
     store = FeatureStore(args.store, args.storage_options)
+    request = alias_request(teacher, sampling, storage, size)
+    if request is not None:
+        try:
+            key = resolve_alias(store, request)
+        except (FeaturesConfigError, KeyNotFound) as e:
+            raise CliError(str(e)) from e
+        if key is not None:
+            return key
+        _err(f"no alias {alias_name(request)} in {args.store}: loading {teacher.model} to fingerprint it")
+    why = ("no alias for these settings either (extraction records one for hub teachers pinned to a commit)"
+           if request is not None else "aliases are kept only for hub teachers pinned to a commit")
+    try:
+        spec = feature_spec_for(teacher, sampling, storage, size=size)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot load {teacher.model} to find its KEY ({type(e).__name__}: {e}); {why}") from e
     if spec.key in store.keys():
         return spec.key
-    flags = f"--teacher {args.teacher} --segment-frames {args.segment_frames}" + (
+    run = f"--config {args.features}" if args.features else _flags_hint(args)
+    raise CliError(f"no KEY in {args.store} matches these teacher and sampling settings (it would be {spec.key}; "
+                   f"{why}); run: subsume extract --videos SRC --store {args.store} {run}")
+
+
+def _flags_hint(args: argparse.Namespace) -> str:
+    return f"--teacher {args.teacher} --segment-frames {args.segment_frames}" + (
         f" --fps {args.fps}" if args.fps else "") + (f" --stride {args.stride}" if args.stride else "")
-    raise CliError(f"no KEY in {args.store} matches these teacher and sampling settings (it would be {spec.key}); "
-                   f"run: subsume extract --videos SRC --store {args.store} {flags}")
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:

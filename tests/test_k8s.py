@@ -50,6 +50,31 @@ CORE_SCHEMA_FILES = {
     ("rbac.authorization.k8s.io/v1", "Role"): "role-rbac-v1.json",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebinding-rbac-v1.json",
 }
+# No NetworkPolicy schema in ../shared/k8s-schemas: this is its structure (networking.k8s.io/v1), strict.
+_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
+    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+    "matchExpressions": {"type": "array", "items": {"type": "object", "additionalProperties": False,
+                                                    "required": ["key", "operator"], "properties": {
+        "key": {"type": "string"}, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+        "values": {"type": "array", "items": {"type": "string"}}}}}}}
+_PEER = {"type": "object", "additionalProperties": False, "minProperties": 1, "properties": {
+    "podSelector": _SELECTOR, "namespaceSelector": _SELECTOR,
+    "ipBlock": {"type": "object", "additionalProperties": False, "required": ["cidr"], "properties": {
+        "cidr": {"type": "string"}, "except": {"type": "array", "items": {"type": "string"}}}}},
+    "not": {"required": ["ipBlock", "podSelector"]}}
+_PORT = {"type": "object", "additionalProperties": False, "properties": {
+    "protocol": {"enum": ["TCP", "UDP", "SCTP"]}, "port": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+    "endPort": {"type": "integer"}}}
+NETWORK_POLICY_SCHEMA = {"type": "object", "additionalProperties": False,
+                         "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+    "apiVersion": {"const": "networking.k8s.io/v1"}, "kind": {"const": "NetworkPolicy"}, "metadata": {},
+    "spec": {"type": "object", "additionalProperties": False, "required": ["podSelector"], "properties": {
+        "podSelector": _SELECTOR,
+        "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+        "ingress": {"type": "array", "items": {"type": "object", "additionalProperties": False, "properties": {
+            "from": {"type": "array", "items": _PEER}, "ports": {"type": "array", "items": _PORT}}}},
+        "egress": {"type": "array", "items": {"type": "object", "additionalProperties": False, "properties": {
+            "to": {"type": "array", "items": _PEER}, "ports": {"type": "array", "items": _PORT}}}}}}}}
 CRD_FILES = {("ray.io/v1", "RayJob"): "ray.io_rayjobs.yaml", ("ray.io/v1", "RayCronJob"): "ray.io_raycronjobs.yaml"}
 
 # The image's user and model cache (tests/test_dockerfile.py checks the Dockerfile itself).
@@ -61,8 +86,10 @@ SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 MAX_RAYJOB_NAME = 47  # KubeRay: RayCluster name limit 53 minus the 6 characters it appends
 SENSITIVE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|API_KEY", re.I)
 LEAKED = re.compile(r"AKIA[0-9A-Z]{16}|hf_[A-Za-z0-9]{30,}|-----BEGIN [A-Z ]*PRIVATE KEY-----")
-FEATURE_FLAGS = ("teacher", "revision", "output", "patch_grid", "precision", "size", "fps", "stride", "segment_frames",
-                 "overlap", "max_frames", "short", "frame_encoding", "target_dtype")
+FEATURE_FLAGS = ("teacher", "revision", "output", "patch_grid", "trust_remote_code", "precision", "size", "fps", "stride",
+                 "segment_frames", "overlap", "max_frames", "short", "frame_encoding", "target_dtype")
+FEATURE_DEFAULTS = {k: v for k, v in vars(build_parser().parse_args(["train", "--store", "s", "--out", "o"])).items()
+                    if k in FEATURE_FLAGS}
 
 
 # --- rendering and schemas ---------------------------------------------------------------------------
@@ -115,6 +142,8 @@ def validators() -> dict[tuple[str, str], Any]:
         schema = strict_openapi(version["schema"]["openAPIV3Schema"])
         schema["properties"]["metadata"] = object_meta
         out[key] = jsonschema.Draft4Validator(schema)
+    netpol = dict(NETWORK_POLICY_SCHEMA, properties=dict(NETWORK_POLICY_SCHEMA["properties"], metadata=object_meta))
+    out[("networking.k8s.io/v1", "NetworkPolicy")] = jsonschema.Draft7Validator(netpol)
     return out
 
 
@@ -193,6 +222,8 @@ def gpu_resources(container: dict) -> dict[str, Any]:
 
 def security_problems(objs: list[dict]) -> list[str]:
     problems = []
+    autoscaled = {id(spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]) for _, spec, _ in rayjob_specs(objs)
+                  if (spec.get("rayClusterSpec") or {}).get("enableInTreeAutoscaling")}
     for where, role, _, pod in pods(objs):
         psc = pod.get("securityContext", {})
         if psc.get("runAsNonRoot") is not True:
@@ -207,7 +238,8 @@ def security_problems(objs: list[dict]) -> list[str]:
         for vol in pod.get("volumes", []):
             if "hostPath" in vol:
                 problems.append(f"{where}: hostPath volume {vol['name']}")
-        if role != "job" and pod.get("automountServiceAccountToken") is not False:
+        # The autoscaler sidecar talks to the API with the head's token; every other Ray pod needs none.
+        if role != "job" and pod.get("automountServiceAccountToken") is not False and id(pod) not in autoscaled:
             problems.append(f"{where}: Ray pods need no API token: automountServiceAccountToken: false")
         for c in containers(pod):
             csc = c.get("securityContext", {})
@@ -385,8 +417,13 @@ def rayjob_problems(objs: list[dict]) -> list[str]:
         cluster = spec.get("rayClusterSpec") or {}
         if cluster.get("rayVersion") != ray_version:
             problems.append(f"{where}: rayVersion {cluster.get('rayVersion')!r} is not the pinned ray {ray_version}")
-        if cluster.get("enableInTreeAutoscaling"):
-            problems.append(f"{where}: the autoscaler sidecar is not locked down; keep it off")
+        if cluster.get("enableInTreeAutoscaling"):  # KubeRay injects the sidecar: lock it down from here
+            auto = cluster.get("autoscalerOptions", {})
+            sc = auto.get("securityContext", {})
+            if sc.get("allowPrivilegeEscalation") is not False or "ALL" not in sc.get("capabilities", {}).get("drop", []):
+                problems.append(f"{where}: autoscalerOptions.securityContext: no privilege escalation, drop ALL")
+            if not {"cpu", "memory"} <= set(auto.get("resources", {}).get("limits", {})):
+                problems.append(f"{where}: autoscalerOptions.resources: set limits")
         if cluster.get("headGroupSpec", {}).get("rayStartParams", {}).get("dashboard-host") != "0.0.0.0":
             problems.append(f"{where}: the submitter reaches the dashboard only with dashboard-host 0.0.0.0")
         groups = cluster.get("workerGroupSpecs", [])
@@ -499,6 +536,41 @@ def volume_for(path: str, mounts: dict[str, dict]) -> dict | None:
     return mounts.get(best) if best else None
 
 
+def mounted_file(path: str, spec: dict, cms: dict[str, dict]) -> str | None:
+    """The text the head sees at `path`, when a mounted ConfigMap provides it."""
+    vol = volume_for(path, head_mounts(spec))
+    cm = cms.get(((vol or {}).get("configMap") or {}).get("name"), {})
+    return cm.get("data", {}).get(Path(path).name)
+
+
+def key_of(where: str, ns: Any, spec: dict, cms: dict[str, dict], problems: list[str]) -> tuple | None:
+    """What names this job's KEY (the mounted KEY file's settings, and the store), or None with the problem."""
+    from feature_store.features_config import COMMIT, FeaturesConfig
+
+    path = ns.config if ns.command == "extract" else ns.features
+    flag = "--config" if ns.command == "extract" else "--features"
+    given = [f for f in FEATURE_FLAGS if getattr(ns, f) != FEATURE_DEFAULTS[f]]
+    if given:
+        problems.append(f"{where}: KEY flags {given} on the command line: the KEY file alone names the KEY")
+    if path is None:
+        problems.append(f"{where}: name the KEY with the mounted extract.yaml ({flag}), not with flags")
+        return None
+    text = mounted_file(path, spec, cms)
+    if text is None:
+        problems.append(f"{where}: {flag} {path} is not a key of a mounted ConfigMap")
+        return None
+    try:
+        cfg = FeaturesConfig.model_validate(yaml.safe_load(text))
+    except ValueError as e:
+        problems.append(f"{where}: {flag} {path}: {e}")
+        return None
+    if not COMMIT.fullmatch(cfg.teacher.revision or ""):
+        problems.append(f"{where}: hub teacher {cfg.teacher.model} needs its revision pinned to a commit")
+    if cfg.teacher.trust_remote_code:
+        problems.append(f"{where}: trust_remote_code is off unless asked for")
+    return cfg.model_dump_json(exclude={"store"}), ns.store
+
+
 def entrypoint_problems(objs: list[dict]) -> list[str]:
     run_name = "subsume-train-29000000"
     parsed, problems = parsed_entrypoints(objs, run_name)
@@ -511,11 +583,9 @@ def entrypoint_problems(objs: list[dict]) -> list[str]:
         if ns.command not in ("extract", "train"):
             problems.append(f"{where}: unexpected command {ns.command}")
             continue
-        if ns.teacher and not re.fullmatch(r"[0-9a-f]{40}", ns.revision or ""):
-            problems.append(f"{where}: hub teacher {ns.teacher} needs --revision pinned to a commit")
-        if getattr(ns, "trust_remote_code", False):
-            problems.append(f"{where}: --trust-remote-code is off unless asked for")
-        keys[ns.command] = tuple(getattr(ns, f) for f in FEATURE_FLAGS) + (ns.store,)
+        key = key_of(where, ns, spec, cms, problems)
+        if key is not None:
+            keys[ns.command] = key
         if not ns.store.startswith("s3://") and volume_for(ns.store, head_mounts(spec)) is None:
             problems.append(f"{where}: store {ns.store} is neither s3:// nor on a mounted volume")
         if ns.command == "extract":
@@ -523,7 +593,7 @@ def entrypoint_problems(objs: list[dict]) -> list[str]:
                 problems.append(f"{where}: GPU worker group but --device {ns.device}")
             if not gpu_groups and ns.device == "cuda":
                 problems.append(f"{where}: --device cuda without a GPU worker group")
-            if gpu_groups and ns.teacher_actors != sum(g["replicas"] for g in gpu_groups):
+            if gpu_groups and ns.teacher_actors != sum(g["maxReplicas"] for g in gpu_groups):
                 problems.append(f"{where}: --teacher-actors {ns.teacher_actors} is not one per GPU worker")
             if gpu_groups and not any("gpu" not in g["groupName"] for g in worker_groups(spec)):
                 problems.append(f"{where}: decoding wants a CPU worker group beside the GPU one")
@@ -544,12 +614,10 @@ def entrypoint_problems(objs: list[dict]) -> list[str]:
             if vol is None or "persistentVolumeClaim" not in vol:
                 problems.append(f"{where}: --out {ns.out} must be on a PVC (it outlives the cluster)")
             if ns.config:
-                vol = volume_for(ns.config, head_mounts(spec))
-                cm = cms.get(((vol or {}).get("configMap") or {}).get("name"), {})
-                key = Path(ns.config).name
-                if key not in cm.get("data", {}):
+                text = mounted_file(ns.config, spec, cms)
+                if text is None:
                     problems.append(f"{where}: --config {ns.config} is not a key of a mounted ConfigMap")
-                elif not isinstance(yaml.safe_load(cm["data"][key]), dict):
+                elif not isinstance(yaml.safe_load(text), dict):
                     problems.append(f"{where}: --config {ns.config} is not a YAML mapping")
             run_env = [e for c in spec["submitterPodTemplate"]["spec"]["containers"][:1]
                        for e in c.get("env", []) if e["name"] == "RUN_NAME"]
@@ -715,12 +783,20 @@ def test_train_config_loads_with_the_training_code(rendered, tmp_path):
             assert cfg.steps > 0, f"{name} {where}"
 
 
+# Single-node (a laptop) or without an object store: everything on the volume. The rest are multi-node
+# clusters, where a shared file server would carry every node's reads and writes.
+ON_THE_VOLUME = {"cpu-dev", "gpu-pvc"}
+
+
 def test_store_location_follows_the_overlay(rendered):
     for name, objs in rendered.items():
+        on_s3 = name not in ON_THE_VOLUME
         for where, ns, _, _ in parsed_entrypoints(objs)[0]:
-            assert ns.store.startswith("s3://") == name.endswith("s3"), f"{name} {where}: store {ns.store}"
-            if ns.command == "train" and name.endswith("s3"):
-                assert ns.storage_path.startswith("s3://"), f"{name}: checkpoints not on S3"
+            assert ns.store.startswith("s3://") == on_s3, f"{name} {where}: store {ns.store}"
+            if ns.command == "train":
+                assert ns.storage_path.startswith("s3://") == on_s3, f"{name}: checkpoints {ns.storage_path}"
+            if ns.command == "extract":
+                assert ns.videos.startswith("s3://") == on_s3, f"{name}: videos {ns.videos}"
 
 
 @pytest.fixture()
@@ -840,6 +916,10 @@ def find(objs: list[dict], kind: str, name: str) -> dict:
     return objects_of(objs, kind)[name]
 
 
+def key_file(objs: list[dict]) -> dict:
+    return find(objs, "ConfigMap", "subsume-config")["data"]
+
+
 def extract_head(objs: list[dict]) -> dict:
     return find(objs, "RayJob", "subsume-extract")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
 
@@ -876,8 +956,14 @@ BREAKAGES = {
             entrypoint=find(o, "RayJob", "subsume-extract")["spec"]["entrypoint"].replace(
                 "${SUBSUME_STORE}", "${STORE_ROOT}")), entrypoint_problems),
     "unpinned teacher": (
+        lambda o: key_file(o).update({"extract.yaml": re.sub(r"revision: \S+", "revision: main",
+                                                             key_file(o)["extract.yaml"])}), entrypoint_problems),
+    "KEY flags beside the KEY file": (
         lambda o: find(o, "RayJob", "subsume-extract")["spec"].update(
-            entrypoint=re.sub(r"--revision \S+", "", find(o, "RayJob", "subsume-extract")["spec"]["entrypoint"])),
+            entrypoint=find(o, "RayJob", "subsume-extract")["spec"]["entrypoint"] + " --fps 2"), entrypoint_problems),
+    "typo in the KEY file": (
+        lambda o: key_file(o).update({"extract.yaml": key_file(o)["extract.yaml"].replace("segment_frames",
+                                                                                          "segment_frame")}),
         entrypoint_problems),
     "fixed run folder": (
         lambda o: find(o, "RayJob", "subsume-train")["spec"].update(
@@ -888,9 +974,10 @@ BREAKAGES = {
             entrypoint=find(o, "RayJob", "subsume-train")["spec"]["entrypoint"].replace(
                 "--workers 4 --use-gpu", "--workers 1")), entrypoint_problems),
     "train looks up another KEY": (
-        lambda o: find(o, "RayJob", "subsume-train")["spec"].update(
-            entrypoint=find(o, "RayJob", "subsume-train")["spec"]["entrypoint"].replace("--fps 4", "--fps 2")),
-        entrypoint_problems),
+        lambda o: (key_file(o).update({"other.yaml": key_file(o)["extract.yaml"].replace("fps: 4", "fps: 2")}),
+                   find(o, "RayJob", "subsume-train")["spec"].update(
+                       entrypoint=find(o, "RayJob", "subsume-train")["spec"]["entrypoint"].replace(
+                           "/etc/subsume/extract.yaml", "/etc/subsume/other.yaml"))), entrypoint_problems),
     "no TTL": (lambda o: find(o, "RayJob", "subsume-extract")["spec"].pop("ttlSecondsAfterFinished"), rayjob_problems),
     "cluster kept after the job": (
         lambda o: find(o, "RayJob", "subsume-extract")["spec"].update(shutdownAfterJobFinishes=False), rayjob_problems),
