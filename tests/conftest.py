@@ -35,7 +35,8 @@ def ray_address():
     ray_bin = shutil.which("ray", path=str(VENV_BIN)) or shutil.which("ray")
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     port = _free_port()
-    env = {**os.environ, **RAY_TEST_ENV}
+    # The nodes hold the S3 test keys, as pods do from their secret: jobs no longer carry credentials.
+    env = {**os.environ, **RAY_TEST_ENV, **S3_TEST_CREDENTIALS}
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4",
                     "--disable-usage-stats", f"--temp-dir={temp}"], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
