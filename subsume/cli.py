@@ -55,8 +55,14 @@ def _add_feature_flags(p: argparse.ArgumentParser, *, for_lookup: bool = False) 
                    help="also store the patch tokens pooled to a GxG grid per frame (0: off, default)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the teacher checkpoint to run its own code (off by default)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="teacher compute precision (autocast on GPU; part of the KEY) (default fp32)")
+    if for_lookup:  # train: named apart from the training precision (--set precision=bf16)
+        g.add_argument("--teacher-precision", dest="precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                       help="the teacher precision the KEY was extracted with (finds the KEY) (default fp32)")
+        g.add_argument("--precision", dest="deprecated_precision", choices=["fp32", "bf16", "fp16"],
+                       default=None, help=argparse.SUPPRESS)  # old spelling; warns
+    else:
+        g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                       help="teacher compute precision (autocast on GPU; part of the KEY) (default fp32)")
     g.add_argument("--size", type=int, default=None,
                    help="teacher input size; default: the checkpoint's own preprocessor config")
     g.add_argument("--fps", type=float, default=None,

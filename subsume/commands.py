@@ -128,11 +128,33 @@ def _find_key(args: argparse.Namespace) -> str:
                    f"run: subsume extract --videos SRC --store {args.store} {flags}")
 
 
+# Flags that only serve to find the KEY, with their defaults: given with --key they change nothing.
+KEY_LOOKUP_FLAGS = {"teacher": None, "revision": None, "output": "auto", "patch_grid": 0, "trust_remote_code": False,
+                    "precision": "fp32", "size": None, "fps": None, "stride": None, "segment_frames": 16,
+                    "overlap": 0, "max_frames": 0, "short": "pad", "frame_encoding": "jpeg",
+                    "target_dtype": "float16"}
+
+
+def _warn_train_flags(args: argparse.Namespace) -> None:
+    if getattr(args, "deprecated_precision", None):
+        _err("subsume train: --precision is deprecated (it is the TEACHER's precision, used to find the KEY): "
+             "use --teacher-precision; the training precision is --set precision=bf16")
+        args.precision = args.deprecated_precision
+    if args.key:
+        ignored = [f"--{'teacher-precision' if k == 'precision' else k.replace('_', '-')}"
+                   for k, default in KEY_LOOKUP_FLAGS.items()
+                   if getattr(args, k, default) != default]
+        if ignored:
+            _err(f"subsume train: {', '.join(ignored)} ignored: --key {args.key} already names the features "
+                 "(these flags only serve to find a KEY)")
+
+
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from feature_store.store import KeyNotFound
     from training.config import load_config
     from training.train import run_train
 
+    _warn_train_flags(args)
     overrides = list(args.set)
     for flag, field in (("steps", "steps"), ("workers", "workers"), ("targets", "targets"),
                         ("objective", "objective")):

@@ -24,7 +24,7 @@ DEMO_SEGMENT = 16
 
 
 def demo_train_config(steps: int | None = None, workers: int | None = None):
-    from training.config import DataConfig, OptimConfig, TrainConfig
+    from training.config import DataConfig, LoaderConfig, OptimConfig, TrainConfig
     from training.models import StudentConfig
     from training.objective import LossWeights
 
@@ -36,7 +36,8 @@ def demo_train_config(steps: int | None = None, workers: int | None = None):
         steps=steps or 500, workers=workers or 2, seed=0, checkpoint_every=100, log_every=20,
         student=StudentConfig(arch="r2plus1d", size="tiny", frames=8, image_size=64, coord_channels=True,
                               temporal_derivative=True),
-        data=DataConfig(view_frames=8, batch_size=16, shuffle_buffer=128),
+        data=DataConfig(batch_size=16, shuffle_buffer=128),
+        loader=LoaderConfig(num_workers=1),  # one decoder process per worker: the demo's 2 cores are shared
         optim=OptimConfig(lr=2e-3, warmup_steps=20),
         loss=LossWeights(cross=0.2, frame=1.0),
     )
