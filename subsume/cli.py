@@ -158,9 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Embed the held-out labelled samples of a KEY with the student and report kNN "
                                    "and linear-probe accuracy per label, beside the teacher's frame-averaged "
                                    "embeddings and a randomly initialised student.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder (from train's JSON)")
-    p.add_argument("--store", required=True, metavar="ROOT", help="store root")
-    p.add_argument("--key", required=True, help="feature KEY with labelled samples")
+    p.add_argument("--checkpoint", required=True, metavar="CK",
+                   help="a checkpoint, or a run folder (its latest checkpoint); local, Ray Train layout or s3://. "
+                        "It names its store, KEY snapshot and held-out fraction: nothing else is needed")
+    p.add_argument("--store", default=None, metavar="ROOT", help="override the checkpoint's store (e.g. moved)")
+    p.add_argument("--key", default=None, help="evaluate on another KEY (its latest snapshot) than the run's")
+    p.add_argument("--heldout-fraction", type=float, default=None,
+                   help="override the run's held-out fraction (default: the one it trained with)")
     p.add_argument("--k", type=int, default=5, help="neighbours for kNN (default 5)")
     _add_storage(p)
     _add_common(p)
@@ -168,10 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # embed -----------------------------------------------------------------------------------------------
     p = sub.add_parser("embed", help="write a trained student's clip embeddings for videos to Parquet")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder")
+    p.add_argument("--checkpoint", required=True, metavar="CK",
+                   help="a checkpoint or a run folder (its latest checkpoint), or an exported student folder's "
+                        "checkpoint; local or s3://. Sampling and preprocessing come with it")
     p.add_argument("--videos", required=True, metavar="SRC", help="folder, glob or manifest, as for extract")
     p.add_argument("--out", required=True, metavar="FILE", help="output .parquet file")
     p.add_argument("--fps", type=float, default=None, help="sampling rate (default: the one the student was trained on)")
+    _add_storage(p)
     _add_common(p)
     p.set_defaults(handler="subsume.commands:cmd_embed")
 

@@ -182,19 +182,22 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from feature_store.store import KeyNotFound
     from training.evaluate import evaluate
 
-    if not os.path.isdir(args.checkpoint):
-        raise CliError(f"--checkpoint {args.checkpoint}: no such folder")
     try:
-        result = evaluate(args.checkpoint, args.store, args.key, storage_options=args.storage_options, k=args.k)
+        result = evaluate(args.checkpoint, args.store, args.key, storage_options=args.storage_options, k=args.k,
+                          heldout_fraction=args.heldout_fraction)
     except (KeyNotFound, ValueError, FileNotFoundError) as e:
         raise CliError(str(e)) from e
+    from training.locate import save_eval
+
+    result["eval_json"] = save_eval(result)
     if not args.json:
         print(format_eval(result))
     return result
 
 
 def format_eval(r: dict[str, Any]) -> str:
-    lines = [f"held-out samples: {r['n']} from {r['heldout_videos']} videos (bank: {r['n_train']} samples)",
+    lines = [f"held-out samples: {r['n']} from {r['heldout_videos']} videos (bank: {r['n_train']} samples; "
+             f"{r['key']} v{r['version']}, held-out fraction {r['heldout_fraction']})",
              f"{'label':<12} {'student':>8} {'random':>8} {'teacher':>8}   (kNN, k={r['k']}; linear probe below)"]
     for name, row in r["per_label"].items():
         lines.append(f"{name:<12} {row['student_knn']:>8.3f} {row['random_student_knn']:>8.3f} "
@@ -208,7 +211,7 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     from subsume.embed import run_embed
 
     try:
-        return run_embed(args.checkpoint, args.videos, args.out, fps=args.fps)
+        return run_embed(args.checkpoint, args.videos, args.out, fps=args.fps, storage_options=args.storage_options)
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from e
 

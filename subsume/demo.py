@@ -54,6 +54,7 @@ def run_demo(workdir: str, *, steps: int | None = None, workers: int | None = No
     from subsume.demo_teacher import build_demo_teacher
     from subsume.sample_data import generate_videos
     from training.evaluate import evaluate
+    from training.locate import save_eval
     from training.train import run_train
 
     t0 = time.perf_counter()
@@ -90,7 +91,8 @@ def run_demo(workdir: str, *, steps: int | None = None, workers: int | None = No
     say(f"      loss {train['loss_first']:.3f} -> {train['loss_last']:.3f}; checkpoint {train['checkpoint']}")
 
     say("[5/5] evaluating on held-out videos (kNN and linear probe)")
-    ev = evaluate(train["checkpoint"], store_root, key, heldout_fraction=cfg.data.heldout_fraction)
+    ev = evaluate(train["checkpoint"])  # the checkpoint names its store, KEY snapshot and held-out fraction
+    ev["eval_json"] = save_eval(ev)
     say(format_eval(ev))
     say(_story(ev))
     say(f"done in {time.perf_counter() - t0:.0f} s. Store: {store_root} (try: subsume store inspect {store_root} {key})")
