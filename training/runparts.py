@@ -27,6 +27,7 @@ class Progress:
     step: int
     position: DataPosition
     history: list[float] = field(default_factory=list)
+    resumed_at: int | None = None  # the step this worker continued from, if it restored a checkpoint
 
     def record(self, terms: dict[str, float]) -> None:
         self.step += 1
@@ -34,7 +35,8 @@ class Progress:
 
     def summary(self) -> dict[str, Any]:
         return {"steps": self.step, "loss_first": self.history[0] if self.history else None,
-                "loss_last": self.history[-1] if self.history else None, "loss_history": list(self.history)}
+                "loss_last": self.history[-1] if self.history else None, "loss_history": list(self.history),
+                "resumed_at": self.resumed_at}
 
 
 def loader_for(cfg: TrainConfig, src: DataSource, env: WorkerEnv, position: DataPosition) -> torch.utils.data.DataLoader:
@@ -103,7 +105,7 @@ class Checkpointer:
         mine = read_rank_state(folder, self.env.rank, self.env.world_size)
         self.parts.scaler.load_state_dict(mine.scaler)
         restore_rng(mine.rng, self.env.device)
-        progress = Progress(int(state["step"]), mine.position, list(state["loss_history"]))
+        progress = Progress(int(state["step"]), mine.position, list(state["loss_history"]), int(state["step"]))
         log(f"resumed at step {progress.step} (rank {self.env.rank}: epoch {mine.position.epoch})")
         return progress
 
