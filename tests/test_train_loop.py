@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -53,7 +52,7 @@ def test_train_writes_metrics_checkpoints_and_an_exported_student(store_key, tmp
     assert run["key"] == key and len(run["manifest_sha256"]) == 64
 
 
-TINY = ["--set", "student.frames=2", f"--set", f"student.image_size={S}", "--set", "data.batch_size=2", "--set", "data.shuffle_buffer=4", "--set", "data.heldout_fraction=0.0",
+TINY = ["--set", "student.frames=2", "--set", f"student.image_size={S}", "--set", "data.batch_size=2", "--set", "data.shuffle_buffer=4", "--set", "data.heldout_fraction=0.0",
         "--set", "optim.warmup_steps=1", "--set", "checkpoint_every=4", "--set", "log_every=1"]
 
 
