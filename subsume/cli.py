@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cached (default): stored targets; online: run the KEY's teacher in the loop")
     p.add_argument("--objective", choices=["iboot", "byol"], default=None,
                    help="iboot (default): predict the image teacher; byol: video-only baseline, no teacher")
+    p.add_argument("--report-to", default=None, metavar="SINKS",
+                   help="metric sinks beside OUT/metrics.jsonl, comma-separated: tensorboard (default), wandb, "
+                        "mlflow (the last two: pip install 'subsume[wandb]' / 'subsume[mlflow]'); 'none' for none")
     p.add_argument("--storage-path", default=None,
                    help="Ray Train storage for checkpoints (default: OUT/ray); may be s3://")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local one)")

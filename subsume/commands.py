@@ -162,6 +162,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             overrides.append(f"{field}={getattr(args, flag)}")
     if args.use_gpu:
         overrides.append("use_gpu=true")
+    if args.report_to is not None:
+        sinks = [x.strip() for x in args.report_to.split(",") if x.strip() and x.strip() != "none"]
+        overrides.append(f"report_to=[{', '.join(sinks)}]")
     try:
         cfg = load_config(args.config, overrides)
     except (OSError, ValueError, TypeError) as e:

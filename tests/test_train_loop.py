@@ -194,3 +194,20 @@ def test_random_crops_need_stored_patch_grids(store_key, tmp_path):
     cfg.targets = "online"
     with pytest.raises(ValueError, match="online"):
         run_train(cfg, root, key, str(tmp_path / "run2"), in_process=True)
+
+
+def test_report_to_writes_tensorboard_beside_metrics_and_refuses_a_missing_extra(store_key, tmp_path):
+    import importlib.util
+
+    root, key = store_key
+    cfg = tiny_cfg(steps=2)
+    cfg.report_to = ["tensorboard"]
+    run_train(cfg, root, key, str(tmp_path / "tb"))
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "tb" / "metrics.jsonl").exists() and (tmp_path / "tb" / "summary.json").exists()
+    missing = [s for s in ("wandb", "mlflow") if importlib.util.find_spec(s) is None]
+    if missing:  # optional extras: a clear error on the driver, before training starts
+        cfg.report_to = missing
+        with pytest.raises(ValueError, match=r"pip install 'subsume\["):
+            run_train(cfg, root, key, str(tmp_path / "x"))
+        assert not (tmp_path / "x" / "metrics.jsonl").exists()

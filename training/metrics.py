@@ -8,7 +8,7 @@ import json
 import os
 from typing import Any
 
-EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # sink -> module it imports
 
 
 def missing_sinks(names: list[str]) -> list[str]:
