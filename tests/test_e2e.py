@@ -258,7 +258,7 @@ def test_ray_train_worker_death_resumes_to_the_same_weights(extracted, ray_addre
     crash = ["--set", "callbacks=[tests.train_hooks:crash_after_step_3]"]
     _, crashed, err = run_cli([*args, *crash, "--out", str(tmp_path / "b")], ray_address, cwd=str(REPO))
     assert (tmp_path / "b" / ".test-crash-done").exists()  # the worker really died once
-    assert crashed["steps"] == straight["steps"] == 6
+    assert crashed["steps"] == straight["steps"] == 6 and crashed["resumed_at"] == 3  # resumed, not restarted
     a = torch.load(os.path.join(straight["checkpoint"], "state.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(crashed["checkpoint"], "state.pt"), weights_only=True)["model"]
     for k in a:

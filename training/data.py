@@ -106,11 +106,11 @@ def collate(samples: list[dict[str, Any]], image_size: int, with_patches: bool =
     """Samples -> (frames at the student's size, float32 targets, patch grids if asked)."""
     frames = resize_frames(torch.from_numpy(np.stack([s["frames"] for s in samples])), image_size)
     targets = torch.from_numpy(np.stack([s["targets"] for s in samples]).astype(np.float32))
-    patches = torch.from_numpy(np.stack([_patches(s) for s in samples])) if with_patches else None
+    patches = torch.from_numpy(np.stack([sample_patches(s) for s in samples])) if with_patches else None
     return frames, targets, patches
 
 
-def _patches(sample: dict[str, Any]) -> np.ndarray:
+def sample_patches(sample: dict[str, Any]) -> np.ndarray:
     if sample.get("patches") is None:
         raise ValueError(f"sample {sample.get('sample_key', '?')} has no stored patch grid: random crops need a KEY "
                          "extracted with TeacherSpec.patch_grid > 0 (subsume extract --patch-grid G)")

@@ -22,7 +22,7 @@ from feature_store.reader import iter_samples
 from feature_store.store import FeatureStore
 from training.augment import augment_views, crops_enabled, grid_mean_targets
 from training.config import TrainConfig
-from training.data import _patches
+from training.data import sample_patches
 from training.models import build_student, video_to_input
 from training.objective import BYOLBaseline, IBootHead, iboot_loss, normalize_targets
 
@@ -124,7 +124,7 @@ def patch_mean_stats(store: FeatureStore, key: str, version: int, limit: int = 5
     snapshot = store.open(key, version)
     rows: list[np.ndarray] = []
     for s in iter_samples(store, snapshot):
-        rows.append(grid_mean_targets(torch.from_numpy(_patches(s))).numpy())
+        rows.append(grid_mean_targets(torch.from_numpy(sample_patches(s))).numpy())
         if len(rows) >= limit:
             break
     x = np.concatenate(rows).astype(np.float64)
