@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     # embed -----------------------------------------------------------------------------------------------
     p = sub.add_parser("embed", help="write a trained student's clip embeddings for videos to Parquet")
     p.add_argument("--checkpoint", required=True, metavar="CK",
-                   help="a checkpoint or a run folder (its latest checkpoint), or an exported student folder's "
-                        "checkpoint; local or s3://. Sampling and preprocessing come with it")
+                   help="a checkpoint or a run folder (its latest checkpoint); local, Ray Train layout or s3://. "
+                        "The sampling and preprocessing the student expects come with it: no store needed")
     p.add_argument("--videos", required=True, metavar="SRC", help="folder, glob or manifest, as for extract")
     p.add_argument("--out", required=True, metavar="FILE", help="output .parquet file")
     p.add_argument("--fps", type=float, default=None, help="sampling rate (default: the one the student was trained on)")
