@@ -20,7 +20,7 @@ from training.models import StudentConfig
 def bench_train_config(*, arch: str, size: str, frames: int, image_size: int, patch: int, batch_size: int,
                        seed: int = 0) -> TrainConfig:
     student = StudentConfig(arch=arch, size=size, frames=frames, image_size=image_size, patch=patch)
-    return TrainConfig(seed=seed, student=student, data=DataConfig(view_frames=frames, batch_size=batch_size))
+    return TrainConfig(seed=seed, student=student, data=DataConfig(batch_size=batch_size))
 
 
 class StudentStep:

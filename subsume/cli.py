@@ -55,8 +55,14 @@ def _add_feature_flags(p: argparse.ArgumentParser, *, for_lookup: bool = False) 
                    help="also store the patch tokens pooled to a GxG grid per frame (0: off, default)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the teacher checkpoint to run its own code (off by default)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="teacher compute precision (autocast on GPU; part of the KEY) (default fp32)")
+    if for_lookup:  # train: named apart from the training precision (--set precision=bf16)
+        g.add_argument("--teacher-precision", dest="precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                       help="the teacher precision the KEY was extracted with (finds the KEY) (default fp32)")
+        g.add_argument("--precision", dest="deprecated_precision", choices=["fp32", "bf16", "fp16"],
+                       default=None, help=argparse.SUPPRESS)  # old spelling; warns
+    else:
+        g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                       help="teacher compute precision (autocast on GPU; part of the KEY) (default fp32)")
     g.add_argument("--size", type=int, default=None,
                    help="teacher input size; default: the checkpoint's own preprocessor config")
     g.add_argument("--fps", type=float, default=None,
@@ -148,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cached (default): stored targets; online: run the KEY's teacher in the loop")
     p.add_argument("--objective", choices=["iboot", "byol"], default=None,
                    help="iboot (default): predict the image teacher; byol: video-only baseline, no teacher")
+    p.add_argument("--report-to", default=None, metavar="SINKS",
+                   help="metric sinks beside OUT/metrics.jsonl, comma-separated: tensorboard (default), wandb, "
+                        "mlflow (the last two: pip install 'subsume[wandb]' / 'subsume[mlflow]'); 'none' for none")
     p.add_argument("--storage-path", default=None,
                    help="Ray Train storage for checkpoints (default: OUT/ray); may be s3://")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
@@ -162,9 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Embed the held-out labelled samples of a KEY with the student and report kNN "
                                    "and linear-probe accuracy per label, beside the teacher's frame-averaged "
                                    "embeddings and a randomly initialised student.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder (from train's JSON)")
-    p.add_argument("--store", required=True, metavar="ROOT", help="store root")
-    p.add_argument("--key", required=True, help="feature KEY with labelled samples")
+    p.add_argument("--checkpoint", required=True, metavar="CK",
+                   help="a checkpoint, or a run folder (its latest checkpoint); local, Ray Train layout or s3://. "
+                        "It names its store, KEY snapshot and held-out fraction: nothing else is needed")
+    p.add_argument("--store", default=None, metavar="ROOT", help="override the checkpoint's store (e.g. moved)")
+    p.add_argument("--key", default=None, help="evaluate on another KEY (its latest snapshot) than the run's")
+    p.add_argument("--heldout-fraction", type=float, default=None,
+                   help="override the run's held-out fraction (default: the one it trained with)")
     p.add_argument("--k", type=int, default=5, help="neighbours for kNN (default 5)")
     _add_storage(p)
     _add_common(p)
@@ -172,10 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # embed -----------------------------------------------------------------------------------------------
     p = sub.add_parser("embed", help="write a trained student's clip embeddings for videos to Parquet")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder")
+    p.add_argument("--checkpoint", required=True, metavar="CK",
+                   help="a checkpoint or a run folder (its latest checkpoint); local, Ray Train layout or s3://. "
+                        "The sampling and preprocessing the student expects come with it: no store needed")
     p.add_argument("--videos", required=True, metavar="SRC", help="folder, glob or manifest, as for extract")
     p.add_argument("--out", required=True, metavar="FILE", help="output .parquet file")
     p.add_argument("--fps", type=float, default=None, help="sampling rate (default: the one the student was trained on)")
+    _add_storage(p)
     _add_common(p)
     p.set_defaults(handler="subsume.commands:cmd_embed")
 

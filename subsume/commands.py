@@ -209,11 +209,33 @@ def _flags_hint(args: argparse.Namespace) -> str:
         f" --fps {args.fps}" if args.fps else "") + (f" --stride {args.stride}" if args.stride else "")
 
 
+# Flags that only serve to find the KEY, with their defaults: given with --key they change nothing.
+KEY_LOOKUP_FLAGS = {"teacher": None, "revision": None, "output": "auto", "patch_grid": 0, "trust_remote_code": False,
+                    "precision": "fp32", "size": None, "fps": None, "stride": None, "segment_frames": 16,
+                    "overlap": 0, "max_frames": 0, "short": "pad", "frame_encoding": "jpeg",
+                    "target_dtype": "float16"}
+
+
+def _warn_train_flags(args: argparse.Namespace) -> None:
+    if getattr(args, "deprecated_precision", None):
+        _err("subsume train: --precision is deprecated (it is the TEACHER's precision, used to find the KEY): "
+             "use --teacher-precision; the training precision is --set precision=bf16")
+        args.precision = args.deprecated_precision
+    if args.key:
+        ignored = [f"--{'teacher-precision' if k == 'precision' else k.replace('_', '-')}"
+                   for k, default in KEY_LOOKUP_FLAGS.items()
+                   if getattr(args, k, default) != default]
+        if ignored:
+            _err(f"subsume train: {', '.join(ignored)} ignored: --key {args.key} already names the features "
+                 "(these flags only serve to find a KEY)")
+
+
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from feature_store.store import KeyNotFound
     from training.config import load_config
     from training.train import run_train
 
+    _warn_train_flags(args)
     overrides = list(args.set)
     for flag, field in (("steps", "steps"), ("workers", "workers"), ("targets", "targets"),
                         ("objective", "objective")):
@@ -221,6 +243,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             overrides.append(f"{field}={getattr(args, flag)}")
     if args.use_gpu:
         overrides.append("use_gpu=true")
+    if args.report_to is not None:
+        sinks = [x.strip() for x in args.report_to.split(",") if x.strip() and x.strip() != "none"]
+        overrides.append(f"report_to=[{', '.join(sinks)}]")
     try:
         cfg = load_config(args.config, overrides)
     except (OSError, ValueError, TypeError) as e:
@@ -241,19 +266,22 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from feature_store.store import KeyNotFound
     from training.evaluate import evaluate
 
-    if not os.path.isdir(args.checkpoint):
-        raise CliError(f"--checkpoint {args.checkpoint}: no such folder")
     try:
-        result = evaluate(args.checkpoint, args.store, args.key, storage_options=args.storage_options, k=args.k)
+        result = evaluate(args.checkpoint, args.store, args.key, storage_options=args.storage_options, k=args.k,
+                          heldout_fraction=args.heldout_fraction)
     except (KeyNotFound, ValueError, FileNotFoundError) as e:
         raise CliError(str(e)) from e
+    from training.locate import save_eval
+
+    result["eval_json"] = save_eval(result)
     if not args.json:
         print(format_eval(result))
     return result
 
 
 def format_eval(r: dict[str, Any]) -> str:
-    lines = [f"held-out samples: {r['n']} from {r['heldout_videos']} videos (bank: {r['n_train']} samples)",
+    lines = [f"held-out samples: {r['n']} from {r['heldout_videos']} videos (bank: {r['n_train']} samples; "
+             f"{r['key']} v{r['version']}, held-out fraction {r['heldout_fraction']})",
              f"{'label':<12} {'student':>8} {'random':>8} {'teacher':>8}   (kNN, k={r['k']}; linear probe below)"]
     for name, row in r["per_label"].items():
         lines.append(f"{name:<12} {row['student_knn']:>8.3f} {row['random_student_knn']:>8.3f} "
@@ -267,7 +295,7 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     from subsume.embed import run_embed
 
     try:
-        return run_embed(args.checkpoint, args.videos, args.out, fps=args.fps)
+        return run_embed(args.checkpoint, args.videos, args.out, fps=args.fps, storage_options=args.storage_options)
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from e
 

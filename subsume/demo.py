@@ -24,7 +24,7 @@ DEMO_SEGMENT = 16
 
 
 def demo_train_config(steps: int | None = None, workers: int | None = None):
-    from training.config import DataConfig, OptimConfig, TrainConfig
+    from training.config import DataConfig, LoaderConfig, OptimConfig, TrainConfig
     from training.models import StudentConfig
     from training.objective import LossWeights
 
@@ -36,7 +36,8 @@ def demo_train_config(steps: int | None = None, workers: int | None = None):
         steps=steps or 500, workers=workers or 2, seed=0, checkpoint_every=100, log_every=20,
         student=StudentConfig(arch="r2plus1d", size="tiny", frames=8, image_size=64, coord_channels=True,
                               temporal_derivative=True),
-        data=DataConfig(view_frames=8, batch_size=16, shuffle_buffer=128),
+        data=DataConfig(batch_size=16, shuffle_buffer=128),
+        loader=LoaderConfig(num_workers=1),  # one decoder process per worker: the demo's 2 cores are shared
         optim=OptimConfig(lr=2e-3, warmup_steps=20),
         loss=LossWeights(cross=0.2, frame=1.0),
     )
@@ -53,6 +54,7 @@ def run_demo(workdir: str, *, steps: int | None = None, workers: int | None = No
     from subsume.demo_teacher import build_demo_teacher
     from subsume.sample_data import generate_videos
     from training.evaluate import evaluate
+    from training.locate import save_eval
     from training.train import run_train
 
     t0 = time.perf_counter()
@@ -89,7 +91,8 @@ def run_demo(workdir: str, *, steps: int | None = None, workers: int | None = No
     say(f"      loss {train['loss_first']:.3f} -> {train['loss_last']:.3f}; checkpoint {train['checkpoint']}")
 
     say("[5/5] evaluating on held-out videos (kNN and linear probe)")
-    ev = evaluate(train["checkpoint"], store_root, key, heldout_fraction=cfg.data.heldout_fraction)
+    ev = evaluate(train["checkpoint"])  # the checkpoint names its store, KEY snapshot and held-out fraction
+    ev["eval_json"] = save_eval(ev)
     say(format_eval(ev))
     say(_story(ev))
     say(f"done in {time.perf_counter() - t0:.0f} s. Store: {store_root} (try: subsume store inspect {store_root} {key})")

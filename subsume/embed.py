@@ -1,13 +1,13 @@
 """`subsume embed`: a trained student's clip embeddings for new videos, written to Parquet.
 
-Videos are decoded and sampled the way the student's training KEY was (fps, segment length, frame size
-from the checkpoint's lineage), one row per segment; a video that cannot be decoded gets a row with its
+Videos are decoded and sampled the way the student's training KEY was (fps, segment length and the KEY's
+resize/crop, recorded in the exported student; no store is needed), resized to the student's input size,
+one row per segment; a video that cannot be decoded gets a row with its
 error and no embedding, so the output accounts for every input.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -17,32 +17,27 @@ import pyarrow.parquet as pq
 import torch
 
 from feature_store.spec import PreprocessSpec, SamplingSpec
-from feature_store.store import FeatureStore
 from pipeline.decode import DecodeError, decode_video
 from pipeline.sampling import cut_segments
 from pipeline.sources import list_videos
-from training.evaluate import embed_clips
-from training.models import load_student
+from training.checkpoint import EXPORT_DIR
+from training.export import load_exported
+from training.locate import open_checkpoint
 
 
-def _lineage(checkpoint: str) -> dict[str, Any]:
-    path = os.path.join(checkpoint, "train_state.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{checkpoint} is not a training checkpoint (no train_state.json)")
-    with open(path) as f:
-        return json.load(f)
-
-
-def run_embed(checkpoint: str, videos: str, out: str, *, fps: float | None = None, root: str | None = None) -> dict[str, Any]:
+def run_embed(checkpoint: str, videos: str, out: str, *, fps: float | None = None,
+              storage_options: dict[str, Any] | None = None, batch_size: int = 32) -> dict[str, Any]:
     from feature_store.preprocess import resize_crop
 
-    state = _lineage(checkpoint)
-    student, cfg = load_student(os.path.join(checkpoint, "student"))
-    spec = FeatureStore(root or state.get("store", ""), {}).spec(state["key"]) if (root or state.get("store")) else None
-    if spec is None:
-        raise ValueError("the checkpoint does not name its store; pass the store root")
-    sampling = spec.sampling if fps is None else SamplingSpec(fps=fps, segment_frames=spec.sampling.segment_frames)
-    pre: PreprocessSpec = spec.preprocess
+    with open_checkpoint(checkpoint, storage_options) as (folder, _):
+        model = load_exported(os.path.join(folder, EXPORT_DIR))
+    cfg = model.student_config
+    if not model.sampling or not model.preprocess:
+        raise ValueError(f"{checkpoint}: the exported student does not record its sampling and preprocessing")
+    sampling = SamplingSpec(**model.sampling)
+    if fps is not None:
+        sampling = SamplingSpec(fps=fps, segment_frames=sampling.segment_frames)
+    pre = PreprocessSpec(**model.preprocess)
     rows: list[dict[str, Any]] = []
     for ref in list_videos(videos):
         try:
@@ -53,12 +48,9 @@ def run_embed(checkpoint: str, videos: str, out: str, *, fps: float | None = Non
                          "embedding": None, "error": f"{e.reason}: {e}"})
             continue
         segments = cut_segments(len(video.indices), sampling)
-        clips = []
-        for pos in segments:
-            frames = video.frames[pos]
-            start = max((len(frames) - cfg.frames) // 2, 0)
-            clips.append(frames[start:start + cfg.frames])
-        embs = embed_clips(student, cfg, clips) if clips else np.zeros((0, student.embed_dim), np.float32)
+        clips = [_window(video.frames[pos], cfg.frames) for pos in segments]
+        embs = np.concatenate([model.embed(torch.from_numpy(np.stack(clips[i:i + batch_size]))).numpy()
+                               for i in range(0, len(clips), batch_size)]) if clips else np.zeros((0, model.embed_dim))
         for seg, (pos, e) in enumerate(zip(segments, embs)):
             rows.append({"video_id": ref.video_id, "source": ref.source, "segment": seg,
                          "start_s": float(video.timestamps[pos[0]]), "embedding": e.astype(np.float32).tolist(),
@@ -73,4 +65,9 @@ def run_embed(checkpoint: str, videos: str, out: str, *, fps: float | None = Non
     pq.write_table(table, out)
     ok = sum(1 for r in rows if not r["error"])
     return {"out": out, "segments": ok, "videos": len({r["source"] for r in rows}),
-            "failed": sum(1 for r in rows if r["error"]), "dim": int(student.embed_dim)}
+            "failed": sum(1 for r in rows if r["error"]), "dim": model.embed_dim}
+
+
+def _window(frames: np.ndarray, length: int) -> np.ndarray:
+    start = max((len(frames) - length) // 2, 0)
+    return frames[start:start + length]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from experiments import augment_consistency as consistency
 from training import augment
 from training.config import AugmentConfig
 
@@ -143,7 +144,7 @@ def test_measure_consistency_on_a_tiny_random_clip(tiny_teacher):
 
     teacher = load_teacher(TeacherSpec(model=str(tiny_teacher), patch_grid=4), size=32, device="cpu")
     videos = np.stack([render_video(p) for p in video_params(3, seed=2, size=32, frames=4)])
-    result = augment.measure_consistency(teacher, videos, brightness=(0.2,), crop_scales=(0.5,),
+    result = consistency.measure_consistency(teacher, videos, brightness=(0.2,), crop_scales=(0.5,),
                                          hue_degrees=(120.0,), batch_size=64)
     rows = {(r["augmentation"], r["parameters"], r["space"], r["target"]): r for r in result["rows"]}
     assert rows[("identity", "-", "embeds", "unchanged")]["cos_standardised"] == pytest.approx(1.0, abs=1e-6)
@@ -156,4 +157,4 @@ def test_measure_consistency_on_a_tiny_random_clip(tiny_teacher):
     assert flip["cos_standardised"] < 0.999  # the teacher does see a flip (the frames are not symmetric)
     ref = result["reference"]
     assert ref["other video, same time"]["cos_standardised"] < ref["adjacent frame, same video"]["cos_standardised"]
-    assert "| brightness |" in augment.format_table(result)
+    assert "| brightness |" in consistency.format_table(result)

@@ -153,13 +153,16 @@ def test_train_on_two_ray_workers_then_eval(extracted, ray_address, tmp_path):
     store, ex = extracted
     key = ex["key"]
     rc, train, err = run_cli(["train", "--store", str(store), "--key", key, "--out", str(tmp_path / "run"),
-                              "--steps", "4", "--workers", "2", "--json", "--set", "student.image_size=32",
-                              "--set", "data.batch_size=4", "--set", "checkpoint_every=2",
+                              "--steps", "4", "--workers", "2", "--json", "--set", "student.image_size=24",
+                              "--set", "data.batch_size=4", "--set", "checkpoint_every=2", "--set", "optim.lr=3e-4",
                               "--set", "data.heldout_fraction=0.25"], ray_address)
     assert train["steps"] == 4 and train["loss_first"] > 0 and train["loss_last"] > 0
+    assert train["student"]["image_size"] == 24  # below the KEY's 32-px crop: frames are resized on the fly
     ckpt = train["checkpoint"]
     assert os.path.exists(os.path.join(ckpt, "student", "model.safetensors"))
-    rc, ev, _ = run_cli(["eval", "--checkpoint", ckpt, "--store", str(store), "--key", key, "--json"])
+    # Only the run folder: its latest checkpoint (Ray Train layout) names the store, KEY and held-out fraction.
+    rc, ev, _ = run_cli(["eval", "--checkpoint", str(tmp_path / "run"), "--json"])
+    assert ev["checkpoint"] == ckpt and ev["heldout_fraction"] == 0.25 and ev["key"] == key
     assert ev["n"] > 0 and set(ev["per_label"]) == {"shape", "colour", "direction"}
     for name in ("student_knn", "teacher_knn"):
         assert 0.0 <= ev[name] <= 1.0
@@ -212,7 +215,7 @@ def test_cached_and_online_targets_give_the_same_losses(extracted, tmp_path):
     def cfg(targets):
         return TrainConfig(steps=5, checkpoint_every=5, log_every=1, targets=targets,
                            student=StudentConfig(frames=4, image_size=32),
-                           data=DataConfig(view_frames=4, batch_size=4, heldout_fraction=0.25))
+                           data=DataConfig(batch_size=4, heldout_fraction=0.25))
 
     cached = run_train(cfg("cached"), str(store), ex["key"], str(tmp_path / "cached"), in_process=True)
     online = run_train(cfg("online"), str(store), ex["key"], str(tmp_path / "online"), in_process=True)
@@ -244,7 +247,7 @@ def test_embed_writes_student_embeddings_for_new_videos(extracted, corpus, tmp_p
 
     store, ex = extracted
     res = run_train(TrainConfig(steps=1, checkpoint_every=1, student=StudentConfig(frames=4, image_size=32),
-                                data=DataConfig(view_frames=4, batch_size=2, heldout_fraction=0.25)),
+                                data=DataConfig(batch_size=2, heldout_fraction=0.25)),
                     str(store), ex["key"], str(tmp_path / "run"), in_process=True)
     out = tmp_path / "emb.parquet"
     rc, res, _ = run_cli(["embed", "--checkpoint", res["checkpoint"], "--videos", str(corpus), "--out", str(out),
@@ -257,22 +260,22 @@ def test_embed_writes_student_embeddings_for_new_videos(extracted, corpus, tmp_p
 
 
 def test_ray_train_worker_death_resumes_to_the_same_weights(extracted, ray_address, tmp_path):
-    """A Ray Train worker process dies after the first checkpoint; FailureConfig restarts the group from it
-    and the run ends with the same weights as an unbroken one."""
+    """A Ray Train worker process dies after the first checkpoint (a test callback, tests/train_hooks.py);
+    FailureConfig restarts the group from it and the run ends with the same weights as an unbroken one."""
+    from tests.conftest import REPO
+
     store, ex = extracted
-    # --store relative to the CLI's working directory: Ray Train's workers run elsewhere and must still find it
-    args = ["train", "--store", store.name, "--key", ex["key"], "--steps", "6", "--workers", "2", "--json",
-            "--set", "student.image_size=32", "--set", "student.frames=4", "--set", "data.view_frames=4",
-            "--set", "data.batch_size=2", "--set", "checkpoint_every=3", "--set", "data.heldout_fraction=0.25"]
-    _, straight, _ = run_cli([*args, "--out", str(tmp_path / "a")], ray_address, cwd=str(store.parent))
-    env_crash = {"SUBSUME_TEST_CRASH_AFTER_STEP": "3"}
-    os.environ.update(env_crash)
-    try:
-        _, crashed, err = run_cli([*args, "--out", str(tmp_path / "b")], ray_address, cwd=str(store.parent))
-    finally:
-        os.environ.pop("SUBSUME_TEST_CRASH_AFTER_STEP")
+    # --store relative to the CLI's working directory: Ray Train's workers run elsewhere and must still find it.
+    # The working directory is the repository, so the workers can import the test callback (Ray adds the
+    # driver's working directory to their path).
+    args = ["train", "--store", os.path.relpath(store, REPO), "--key", ex["key"], "--steps", "6", "--workers", "2",
+            "--json", "--set", "student.image_size=32", "--set", "student.frames=4", "--set", "data.batch_size=2",
+            "--set", "checkpoint_every=3", "--set", "data.heldout_fraction=0.25"]
+    _, straight, _ = run_cli([*args, "--out", str(tmp_path / "a")], ray_address, cwd=str(REPO))
+    crash = ["--set", "callbacks=[tests.train_hooks:crash_after_step_3]"]
+    _, crashed, err = run_cli([*args, *crash, "--out", str(tmp_path / "b")], ray_address, cwd=str(REPO))
     assert (tmp_path / "b" / ".test-crash-done").exists()  # the worker really died once
-    assert crashed["steps"] == straight["steps"] == 6
+    assert crashed["steps"] == straight["steps"] == 6 and crashed["resumed_at"] == 3  # resumed, not restarted
     a = torch.load(os.path.join(straight["checkpoint"], "state.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(crashed["checkpoint"], "state.pt"), weights_only=True)["model"]
     for k in a:

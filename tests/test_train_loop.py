@@ -2,15 +2,15 @@
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
 from feature_store.store import FeatureStore
 from tests.storehelpers import S, add_video, small_spec
-from training.config import DataConfig, OptimConfig, TrainConfig, apply_overrides, config_from_dict, load_config
-from training.models import StudentConfig, load_student
+from training.config import ConfigError, DataConfig, LoaderConfig, OptimConfig, TrainConfig, apply_overrides, config_from_dict, load_config
+from training.export import load_exported
+from training.models import StudentConfig
 from training.train import run_train
 
 
@@ -26,7 +26,8 @@ def store_key(tmp_path):
 def tiny_cfg(steps=6, **kw):
     return TrainConfig(steps=steps, checkpoint_every=3, log_every=1, seed=0,
                        student=StudentConfig(arch="r2plus1d", size="tiny", frames=2, image_size=S),
-                       data=DataConfig(view_frames=2, batch_size=2, shuffle_buffer=4, heldout_fraction=0.0),
+                       data=DataConfig(batch_size=2, shuffle_buffer=4, heldout_fraction=0.0),
+                       loader=LoaderConfig(num_workers=0),
                        optim=OptimConfig(lr=1e-3, warmup_steps=1), **kw)
 
 
@@ -42,15 +43,16 @@ def test_train_writes_metrics_checkpoints_and_an_exported_student(store_key, tmp
     assert res["steps"] == 6 and res["loss_first"] is not None and res["loss_last"] is not None
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "cross", "frame", "lr", "samples_per_s", "data_wait_frac"} <= set(lines[-1])
-    model, cfg = load_student(os.path.join(res["checkpoint"], "student"))
-    assert cfg.image_size == S
+    model = load_exported(os.path.join(res["checkpoint"], "student"))  # stands alone: no store, one call
+    assert model.student_config.image_size == S and model.sampling["segment_frames"] == small_spec().sampling.segment_frames
+    assert model.embed(torch.zeros(1, 2, 40, 40, 3, dtype=torch.uint8)).shape == (1, model.embed_dim)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
     assert (out / "curves.png").exists() and (out / "run.json").exists()
     run = json.loads((out / "run.json").read_text())
     assert run["key"] == key and len(run["manifest_sha256"]) == 64
 
 
-TINY = ["--set", "student.frames=2", f"--set", f"student.image_size={S}", "--set", "data.view_frames=2",
-        "--set", "data.batch_size=2", "--set", "data.shuffle_buffer=4", "--set", "data.heldout_fraction=0.0",
+TINY = ["--set", "student.frames=2", "--set", f"student.image_size={S}", "--set", "data.batch_size=2", "--set", "data.shuffle_buffer=4", "--set", "data.heldout_fraction=0.0",
         "--set", "optim.warmup_steps=1", "--set", "checkpoint_every=4", "--set", "log_every=1"]
 
 
@@ -101,12 +103,33 @@ def test_config_yaml_and_overrides(tmp_path):
         config_from_dict(apply_overrides({}, ["optim.lr_typo=1"]))
 
 
+def test_overrides_are_typed_and_bad_ones_name_the_field():
+    cfg = load_config(None, ["optim.lr=3e-4", "data.batch_size=8", "student.image_size=112"])
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 3e-4 as a string
+    assert (cfg.data.batch_size, cfg.student.image_size, cfg.student.frames) == (8, 112, 0)
+    for override, field in [("optim.lr_typo=1", "optim.lr_typo: unknown field"),
+                            ("data.batch_size=many", "data.batch_size"), ("steps=1.5", "steps"),
+                            ("student.size=huge", "student: size must be one of"),
+                            ("report_to=[tensorboard,neptune]", "report_to: unknown sink")]:
+        with pytest.raises(ConfigError, match=field.replace("[", r"\[")):
+            load_config(None, [override])
+
+
+def test_a_bad_override_fails_the_cli_with_exit_code_2_before_any_worker(tmp_path):
+    from tests.conftest import run_cli
+
+    rc, _, err = run_cli(["train", "--store", str(tmp_path / "nostore"), "--key", "k", "--out", str(tmp_path / "o"),
+                          "--set", "optim.lr=fast"], check=False)
+    assert rc == 2 and "optim.lr" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("name", ["train-small.yaml", "train-vit-small.yaml", "byol-baseline.yaml"])
 def test_shipped_configs_load(name):
     from pathlib import Path
 
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / name))
-    assert cfg.steps > 0 and cfg.student.image_size == 224
+    assert cfg.steps > 0 and cfg.student.image_size in (0, 224)  # 0: the KEY's crop
 
 
 def test_demo_yaml_is_the_demo_config():
@@ -136,7 +159,7 @@ def test_views_window_the_patch_grids_with_their_targets():
     patches = targets[:, :, None, None, :].expand(b, t, g, g, 5).contiguous()  # grid mean == the frame's target
     frames = torch.zeros(b, t, 4, 4, 3, dtype=torch.uint8)
     cfg = tiny_cfg()
-    cfg.data.view_frames = 3
+    cfg.student.frames = 3
     views, _ = make_views(frames, targets, cfg, torch.Generator().manual_seed(1), patches)
     for _, y, p in views:
         assert p.shape == (b, 3, g, g, 5)
@@ -171,3 +194,20 @@ def test_random_crops_need_stored_patch_grids(store_key, tmp_path):
     cfg.targets = "online"
     with pytest.raises(ValueError, match="online"):
         run_train(cfg, root, key, str(tmp_path / "run2"), in_process=True)
+
+
+def test_report_to_writes_tensorboard_beside_metrics_and_refuses_a_missing_extra(store_key, tmp_path):
+    import importlib.util
+
+    root, key = store_key
+    cfg = tiny_cfg(steps=2)
+    cfg.report_to = ["tensorboard"]
+    run_train(cfg, root, key, str(tmp_path / "tb"))
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "tb" / "metrics.jsonl").exists() and (tmp_path / "tb" / "summary.json").exists()
+    missing = [s for s in ("wandb", "mlflow") if importlib.util.find_spec(s) is None]
+    if missing:  # optional extras: a clear error on the driver, before training starts
+        cfg.report_to = missing
+        with pytest.raises(ValueError, match=r"pip install 'subsume\["):
+            run_train(cfg, root, key, str(tmp_path / "x"))
+        assert not (tmp_path / "x" / "metrics.jsonl").exists()

@@ -1,7 +1,10 @@
-"""Typed run configuration: dataclasses, loadable from YAML (configs/*.yaml), overridable field by field.
+"""Typed run configuration: dataclasses validated by pydantic, loadable from YAML (configs/*.yaml),
+overridable field by field.
 
-`--set student.arch=vit --set optim.lr=3e-4` overrides one nested field; values are parsed as YAML
-scalars, so numbers, booleans and lists work as expected.
+`--set student.arch=vit --set optim.lr=3e-4` overrides one nested field. Values are read as YAML scalars and
+then validated against the field's type, so `3e-4` (a string to YAML 1.1) becomes the float 0.0003, and an
+unknown field or a wrong type fails on load with the field's dotted path (`ConfigError`), before any
+worker starts.
 """
 
 from __future__ import annotations
@@ -15,10 +18,18 @@ import yaml
 from training.models import StudentConfig
 from training.objective import LossWeights
 
+FROM_KEY = 0  # student.frames / student.image_size: take it from the KEY (see training.train.resolve_student)
+SINKS = ("tensorboard", "wandb", "mlflow")
+_FORBID = {"extra": "forbid"}  # a pydantic ConfigDict: unknown fields are errors, not silently dropped
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the field."""
+
 
 @dataclass
 class DataConfig:
-    view_frames: int = 8  # frames per temporal view (a window over a sample's stored frames)
+    __pydantic_config__ = _FORBID
     batch_size: int = 16  # per worker, per optimiser micro-step
     shuffle_buffer: int = 256
     heldout_fraction: float = 0.2  # videos (by content hash) kept out of training for eval
@@ -26,9 +37,20 @@ class DataConfig:
 
 
 @dataclass
+class LoaderConfig:
+    """The torch DataLoader that decodes shards off the training step (see training/data.py)."""
+
+    __pydantic_config__ = _FORBID
+    num_workers: int = 2  # loader processes per training worker (0: decode in the training process)
+    prefetch_factor: int = 4  # batches each loader process keeps ready
+    pin_memory: bool = True  # only acts on CUDA
+
+
+@dataclass
 class AugmentConfig:
     """Only augmentations that leave the cached targets (nearly) unchanged and labels intact; see docs/method.md."""
 
+    __pydantic_config__ = _FORBID
     temporal_jitter: bool = True  # random window positions (targets are exactly the cached frames)
     brightness: float = 0.0  # max relative brightness change (0: off); changes colour labels if large
     random_crop_scale: float = 1.0  # < 1 enables random resized crops (needs patch grids for exact targets)
@@ -36,6 +58,7 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
+    __pydantic_config__ = _FORBID
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 20
@@ -44,12 +67,17 @@ class OptimConfig:
     grad_accum: int = 1
 
 
+def _student_from_key() -> StudentConfig:
+    return StudentConfig(frames=FROM_KEY, image_size=FROM_KEY)
+
+
 @dataclass
 class TrainConfig:
+    __pydantic_config__ = _FORBID
     steps: int = 200
     workers: int = 1
     use_gpu: bool = False
-    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (autocast; fp16 with a grad scaler)
+    precision: str = "fp32"  # training autocast: "fp32" | "bf16" | "fp16" (with a grad scaler)
     seed: int = 0
     objective: str = "iboot"  # "iboot" | "byol" (video-only baseline, no teacher)
     targets: str = "cached"  # "cached" | "online" (teacher in the loop on the same stored frames)
@@ -59,11 +87,31 @@ class TrainConfig:
     eval_every: int = 0  # > 0: rank 0 logs held-out kNN accuracy per label every N steps (knn_<label>)
     max_failures: int = 2  # Ray Train FailureConfig: worker restarts from the last checkpoint
     byol_momentum: float = 0.99
-    student: StudentConfig = field(default_factory=StudentConfig)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # beside metrics.jsonl; see SINKS
+    # Import paths ("package.module:factory") of training callbacks each worker builds (training/callbacks.py).
+    callbacks: list[str] = field(default_factory=list)
+    student: StudentConfig = field(default_factory=_student_from_key)
     data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossWeights = field(default_factory=LossWeights)
+
+    def __post_init__(self) -> None:
+        choices = {"precision": ("fp32", "bf16", "fp16"), "objective": ("iboot", "byol"),
+                   "targets": ("cached", "online")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        unknown = set(self.report_to) - set(SINKS)
+        if unknown:
+            raise ValueError(f"report_to: unknown sink(s) {sorted(unknown)}; choose from {SINKS}")
+        if min(self.steps, self.workers, self.checkpoint_every, self.log_every, self.data.batch_size,
+               self.optim.grad_accum) < 1:
+            raise ValueError("steps, workers, checkpoint_every, log_every, data.batch_size and optim.grad_accum "
+                             "must be >= 1")
+        if not 0.0 <= self.data.heldout_fraction < 1.0:
+            raise ValueError(f"data.heldout_fraction must be in [0, 1), got {self.data.heldout_fraction}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -71,42 +119,54 @@ class TrainConfig:
         return d
 
 
-def _build(cls: type, data: dict[str, Any]) -> Any:
-    if cls is StudentConfig:
-        return StudentConfig.from_dict(data)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = _SECTIONS.get((cls, name))
-        kwargs[name] = _build(sub, value or {}) if sub else value
-    return cls(**kwargs)
+def _validator():
+    from pydantic import TypeAdapter  # installed with Ray; imported here so the models stay pydantic-free
+
+    StudentConfig.__pydantic_config__ = _FORBID  # type: ignore[attr-defined]
+    LossWeights.__pydantic_config__ = _FORBID  # type: ignore[attr-defined]
+    return TypeAdapter(TrainConfig)
 
 
-_SECTIONS = {(TrainConfig, "student"): StudentConfig, (TrainConfig, "data"): DataConfig,
-             (TrainConfig, "augment"): AugmentConfig, (TrainConfig, "optim"): OptimConfig,
-             (TrainConfig, "loss"): LossWeights}
+def _describe(err: Any) -> str:
+    """pydantic's errors as 'field.path: message' (a section's own checks are reported at the section)."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            msg = "unknown field"
+        elif not isinstance(e["input"], (dict, list)):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(lines)
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    return _build(TrainConfig, data)
+    from pydantic import ValidationError
+
+    data = dict(data)
+    student = data.get("student")
+    if student is None or isinstance(student, dict):  # a student section without frames/size: from the KEY
+        data["student"] = {"frames": FROM_KEY, "image_size": FROM_KEY, **(student or {})}
+    try:
+        return _validator().validate_python(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply FIELD=VALUE overrides (dotted paths) to a nested dict."""
+    """Apply FIELD=VALUE overrides (dotted paths) to a nested dict; values are YAML scalars (typed later)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not FIELD=VALUE")
+            raise ConfigError(f"override {item!r} is not FIELD=VALUE")
         path, raw = item.split("=", 1)
         node = out
         parts = path.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p} is not a section")
+                raise ConfigError(f"override {item!r}: {p} is not a section")
         node[parts[-1]] = yaml.safe_load(raw)
     return out
 
@@ -117,9 +177,12 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         with open(path) as f:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a config file holds a mapping of fields")
+            raise ConfigError(f"{path}: a config file holds a mapping of fields")
     data = apply_overrides(data, overrides or [])
-    return config_from_dict(data)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -1,13 +1,15 @@
 """What training bought: kNN and linear-probe accuracy on held-out labelled samples.
 
 The bank (kNN neighbours, probe training data) is the labelled training split; queries are the held-out
-split (by video content hash, so a video's segments never straddle the two). Three embeddings are compared:
+split (by video content hash, so a video's segments never straddle the two), at the held-out fraction the
+run trained with (from the checkpoint). Samples are streamed a batch at a time; only embeddings are kept. Three embeddings are compared:
 the trained student, a randomly initialised student of the same config, and the teacher's frame-averaged
 cached targets (standardised with the KEY's statistics).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,45 +18,69 @@ import torch
 
 from feature_store.reader import SplitFilter, iter_samples
 from feature_store.store import FeatureStore
-from training.models import StudentConfig, build_student, load_student, video_to_input
+from training.checkpoint import EXPORT_DIR, RunLineage, read_lineage
+from training.data import resize_frames
+from training.models import StudentConfig, build_student, video_to_input
 
 
 @dataclass
-class LabelledSet:
-    student_inputs: list[np.ndarray]  # uint8 [L, S, S, 3] central windows
-    teacher: np.ndarray  # [N, D] frame-averaged standardised targets
-    labels: dict[str, list[str]]
+class EmbeddedSplit:
+    """One split's labelled samples, reduced to what the probes need: embeddings per model and labels."""
+
+    feats: dict[str, np.ndarray]  # model name -> [N, E]
+    labels: dict[str, list[str]]  # label column -> one value per sample ("" where a sample lacks it)
     videos: list[str]
 
+    @property
+    def n(self) -> int:
+        return len(self.videos)
 
-def load_split(store: FeatureStore, key: str, split: str, *, frames: int, heldout_fraction: float,
-               version: int | None = None) -> LabelledSet:
-    snap = store.open(key, version)
-    mean, std = snap.target_mean_std()
-    inputs, teach, vids = [], [], []
-    labels: dict[str, list[str]] = {}
-    samples = [s for s in iter_samples(store, snap, split=SplitFilter(split, heldout_fraction)) if s["labels"]]
-    names = sorted(set().union(*(s["labels"] for s in samples))) if samples else []
-    for s in samples:
-        t = s["frames"].shape[0]
-        start = max((t - frames) // 2, 0)
-        inputs.append(s["frames"][start:start + frames])
-        teach.append(((s["targets"].astype(np.float32) - mean) / std).mean(0))
-        vids.append(s["video_sha256"])
-        for n in names:
-            labels.setdefault(n, []).append(s["labels"].get(n, ""))
-    dim = len(mean)
-    return LabelledSet(inputs, np.stack(teach) if teach else np.zeros((0, dim), np.float32), labels, vids)
+
+def _window(frames: np.ndarray, length: int) -> np.ndarray:
+    start = max((frames.shape[0] - length) // 2, 0)
+    return frames[start:start + length]
 
 
 @torch.no_grad()
-def embed_clips(model: torch.nn.Module, cfg: StudentConfig, clips: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
-    model.eval()
-    out = []
-    for i in range(0, len(clips), batch_size):
-        x = torch.from_numpy(np.stack(clips[i:i + batch_size]))
-        out.append(model(video_to_input(x, cfg)).clip.float().numpy())
-    return np.concatenate(out) if out else np.zeros((0, getattr(model, "embed_dim", 0)), np.float32)
+def _embed_batch(model: torch.nn.Module, cfg: StudentConfig, clips: list[np.ndarray]) -> np.ndarray:
+    x = resize_frames(torch.from_numpy(np.stack(clips)), cfg.image_size)
+    return model(video_to_input(x, cfg)).clip.float().numpy()
+
+
+def embed_split(store: FeatureStore, snapshot: Any, split: SplitFilter, models: dict[str, torch.nn.Module],
+                cfg: StudentConfig, *, teacher_stats: tuple[np.ndarray, np.ndarray] | None = None,
+                batch_size: int = 32) -> EmbeddedSplit:
+    """Stream a split's labelled samples through the models a batch at a time: memory holds one batch of
+    frames and the embeddings, never the split's frames. With `teacher_stats`, also the teacher's
+    frame-averaged standardised targets (as model "teacher")."""
+    for m in models.values():
+        m.eval()
+    feats: dict[str, list[np.ndarray]] = {name: [] for name in [*models, *(["teacher"] if teacher_stats else [])]}
+    labels: list[dict[str, str]] = []
+    videos: list[str] = []
+    clips: list[np.ndarray] = []
+
+    def flush() -> None:
+        for name, m in models.items():
+            feats[name].append(_embed_batch(m, cfg, clips))
+        clips.clear()
+
+    for s in iter_samples(store, snapshot, split=split):
+        if not s["labels"]:
+            continue
+        clips.append(_window(s["frames"], cfg.frames))
+        if teacher_stats:
+            mean, std = teacher_stats
+            feats["teacher"].append((((s["targets"].astype(np.float32) - mean) / std).mean(0))[None])
+        labels.append(dict(s["labels"]))
+        videos.append(s["video_sha256"])
+        if len(clips) == batch_size:
+            flush()
+    if clips:
+        flush()
+    names = sorted(set().union(*labels)) if labels else []
+    return EmbeddedSplit({k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in feats.items()},
+                         {n: [row.get(n, "") for row in labels] for n in names}, videos)
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:
@@ -106,66 +132,93 @@ def linear_probe_accuracy(train_x: np.ndarray, train_y: list[str], test_x: np.nd
 
 
 class KnnProbe:
-    """Held-out kNN accuracy of a student during training: the labelled splits are loaded once."""
+    """Held-out kNN accuracy of a student during training; streams both splits at each call."""
 
-    def __init__(self, store: FeatureStore, key: str, *, frames: int, heldout_fraction: float,
-                 version: int | None = None, k: int = 5):
-        self.train = load_split(store, key, "train", frames=frames, heldout_fraction=heldout_fraction, version=version)
-        self.test = load_split(store, key, "heldout", frames=frames, heldout_fraction=heldout_fraction, version=version)
-        self.k = k
+    def __init__(self, store: FeatureStore, key: str, *, heldout_fraction: float, version: int | None = None,
+                 k: int = 5):
+        self.store, self.snapshot, self.k = store, store.open(key, version), k
+        self.fraction = heldout_fraction
 
     def __call__(self, student: torch.nn.Module, cfg: StudentConfig) -> dict[str, float]:
-        if not self.test.labels:
-            return {}
         was_training = student.training
-        xtr = embed_clips(student, cfg, self.train.student_inputs)
-        xte = embed_clips(student, cfg, self.test.student_inputs)
+        train = embed_split(self.store, self.snapshot, SplitFilter("train", self.fraction), {"s": student}, cfg)
+        test = embed_split(self.store, self.snapshot, SplitFilter("heldout", self.fraction), {"s": student}, cfg)
         student.train(was_training)
-        out = {f"knn_{n}": knn_accuracy(xtr, self.train.labels[n], xte, self.test.labels[n], self.k)
-               for n in sorted(self.test.labels)}
+        if not test.labels:
+            return {}
+        out = {f"knn_{n}": knn_accuracy(train.feats["s"], train.labels[n], test.feats["s"], test.labels[n], self.k)
+               for n in sorted(test.labels)}
         out["knn_mean"] = float(np.mean(list(out.values())))
         return out
 
 
-def evaluate(checkpoint: str, root: str, key: str, *, storage_options: dict[str, Any] | None = None, k: int = 5,
-             heldout_fraction: float = 0.2, version: int | None = None, seed: int = 0) -> dict[str, Any]:
-    import os
+@dataclass
+class EvalTarget:
+    """What an evaluation reads: resolved from the checkpoint's lineage, with optional overrides."""
 
-    from training.loop import EXPORT_DIR
+    root: str
+    key: str
+    version: int | None
+    heldout_fraction: float
 
-    export = os.path.join(checkpoint, EXPORT_DIR) if os.path.isdir(os.path.join(checkpoint, EXPORT_DIR)) else checkpoint
-    student, cfg = load_student(export)
+
+def eval_target(lineage: RunLineage, root: str | None, key: str | None, heldout_fraction: float | None,
+                storage_options: dict[str, Any]) -> tuple[EvalTarget, Any]:
+    """The store, KEY snapshot and split to evaluate on; refuses the run's snapshot if its manifest changed."""
+    store = FeatureStore(root or lineage.store, storage_options)
+    same_key = (key or lineage.key) == lineage.key
+    snap = store.open(lineage.key, lineage.version) if same_key else store.open(key)
+    if same_key and snap.manifest_sha256 != lineage.manifest_sha256:
+        raise ValueError(f"snapshot {lineage.version} of {lineage.key} in {store.root} is not the one the student "
+                         "was trained on (its manifest hash changed): refusing to evaluate on it")
+    fraction = lineage.heldout_fraction if heldout_fraction is None else heldout_fraction
+    return EvalTarget(store.root, snap.key, snap.version, fraction), (store, snap)
+
+
+def evaluate(checkpoint: str, root: str | None = None, key: str | None = None, *,
+             storage_options: dict[str, Any] | None = None, k: int = 5, heldout_fraction: float | None = None,
+             seed: int = 0, batch_size: int = 32) -> dict[str, Any]:
+    """kNN / linear-probe accuracy of the checkpoint's student on the held-out split of its own run (store,
+    KEY snapshot and held-out fraction from the checkpoint), unless overridden."""
+    from training.export import load_exported
+    from training.locate import open_checkpoint
+
+    opts = storage_options or {}
+    with open_checkpoint(checkpoint, opts) as (folder, where):
+        lineage = read_lineage(folder)
+        student = load_exported(os.path.join(folder, EXPORT_DIR))
+    cfg = student.student_config
+    target, (store, snap) = eval_target(lineage, root, key, heldout_fraction, opts)
     torch.manual_seed(seed)
-    random_student = build_student(cfg)
-    store = FeatureStore(root, storage_options)
-    train = load_split(store, key, "train", frames=cfg.frames, heldout_fraction=heldout_fraction, version=version)
-    test = load_split(store, key, "heldout", frames=cfg.frames, heldout_fraction=heldout_fraction, version=version)
-    if not test.labels or not len(test.teacher):
-        raise ValueError(f"KEY {key} has no labelled held-out samples to evaluate on")
-    feats = {
-        "student": (embed_clips(student, cfg, train.student_inputs), embed_clips(student, cfg, test.student_inputs)),
-        "random_student": (embed_clips(random_student, cfg, train.student_inputs),
-                           embed_clips(random_student, cfg, test.student_inputs)),
-        "teacher": (train.teacher, test.teacher),
-    }
-    per_label: dict[str, dict[str, float]] = {}
-    for name in sorted(test.labels):
-        row = {}
-        for who, (xtr, xte) in feats.items():
-            row[f"{who}_knn"] = knn_accuracy(xtr, train.labels[name], xte, test.labels[name], k)
-            row[f"{who}_linear"] = linear_probe_accuracy(xtr, train.labels[name], xte, test.labels[name])
-        row["chance"] = max(test.labels[name].count(c) for c in set(test.labels[name])) / len(test.labels[name])
-        per_label[name] = row
+    models = {"student": student.encoder, "random_student": build_student(cfg)}
+    stats = snap.target_mean_std()
+    splits = {name: embed_split(store, snap, SplitFilter(name, target.heldout_fraction), models, cfg,
+                                teacher_stats=stats, batch_size=batch_size) for name in ("train", "heldout")}
+    train, test = splits["train"], splits["heldout"]
+    if not test.labels or not test.n:
+        raise ValueError(f"KEY {target.key} has no labelled held-out samples at held-out fraction "
+                         f"{target.heldout_fraction}")
+    per_label = {name: _label_scores(train, test, name, k) for name in sorted(test.labels)}
 
     def mean_of(field: str) -> float:
         return float(np.mean([r[field] for r in per_label.values()]))
 
     return {
-        "checkpoint": checkpoint, "key": key, "n": len(test.teacher), "n_train": len(train.teacher),
+        "checkpoint": where, "store": target.root, "key": target.key, "version": target.version,
+        "heldout_fraction": target.heldout_fraction, "n": test.n, "n_train": train.n,
         "heldout_videos": len(set(test.videos)), "k": k,
-        "student_knn": mean_of("student_knn"), "teacher_knn": mean_of("teacher_knn"),
-        "random_student_knn": mean_of("random_student_knn"),
-        "student_linear": mean_of("student_linear"), "teacher_linear": mean_of("teacher_linear"),
-        "random_student_linear": mean_of("random_student_linear"),
+        **{f"{who}_{probe}": mean_of(f"{who}_{probe}") for who in ("student", "teacher", "random_student")
+           for probe in ("knn", "linear")},
         "per_label": per_label,
     }
+
+
+def _label_scores(train: EmbeddedSplit, test: EmbeddedSplit, name: str, k: int) -> dict[str, float]:
+    row = {}
+    for who in ("student", "random_student", "teacher"):
+        xtr, xte = train.feats[who], test.feats[who]
+        row[f"{who}_knn"] = knn_accuracy(xtr, train.labels[name], xte, test.labels[name], k)
+        row[f"{who}_linear"] = linear_probe_accuracy(xtr, train.labels[name], xte, test.labels[name])
+    values = test.labels[name]
+    row["chance"] = max(values.count(c) for c in set(values)) / len(values)
+    return row

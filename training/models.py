@@ -110,8 +110,8 @@ class StudentConfig:
             raise ValueError(f"pool must be 'mean' or 'cls', got {self.pool!r}")
         if self.temporal_downsample < 0:
             raise ValueError("temporal_downsample must be >= 0")
-        if min(self.frames, self.image_size, self.tubelet, self.patch) < 1:
-            raise ValueError("frames, image_size, tubelet and patch must be >= 1")
+        if min(self.tubelet, self.patch) < 1 or min(self.frames, self.image_size) < 0:
+            raise ValueError("tubelet and patch must be >= 1, frames and image_size >= 0 (0: from the KEY)")
 
     def resolved(self) -> StudentConfig:
         """A copy with the preset's sizes written out explicitly."""
@@ -465,6 +465,9 @@ class VideoViTStudent(nn.Module):
 
 
 def build_student(cfg: StudentConfig) -> nn.Module:
+    if min(cfg.frames, cfg.image_size) < 1:
+        raise ValueError("student.frames and student.image_size are 0 (take them from the KEY): resolve them "
+                         "against the KEY first (training.train.resolve_student)")
     if cfg.arch == "r2plus1d":
         return R2Plus1DStudent(cfg)
     return VideoViTStudent(cfg)

@@ -12,13 +12,17 @@ import logging
 import os
 import sys
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable
 
+from feature_store.spec import FeatureSpec, to_dict
 from feature_store.store import FeatureStore
 from training.augment import crops_enabled
+from training.callbacks import load_callbacks
+from training.checkpoint import EXPORT_DIR, RunLineage
 from training.config import TrainConfig, config_from_dict, dump_config
-from training.loop import EXPORT_DIR, DataSource, WorkerEnv, patch_mean_stats, train_worker
+from training.loop import DataSource, WorkerEnv, patch_mean_stats, train_worker
+from training.metrics import missing_sinks
 
 RUN_FILE = "run.json"
 
@@ -27,32 +31,65 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def prepare_run(cfg: TrainConfig, root: str, key: str, out: str, storage_options: dict[str, Any]) -> tuple[DataSource, dict[str, Any]]:
-    """Create or reopen the run folder; returns the data source and the run record (lineage)."""
+def resolve_student(cfg: TrainConfig, spec: FeatureSpec) -> TrainConfig:
+    """Fill the student's input shape the config left to the KEY (0): frames at the KEY's crop, views of half
+    a segment (room for the two views to sit at different times). An explicit shape is the student's own."""
+    seg = spec.sampling.segment_frames
+    frames = cfg.student.frames or max(1, seg // 2)
+    if frames > seg:
+        raise ValueError(f"student.frames {frames} > the KEY's segment length {seg}: views are windows of a segment")
+    student = replace(cfg.student, frames=frames, image_size=cfg.student.image_size or spec.preprocess.crop)
+    return replace(cfg, student=student)
+
+
+def _new_run(cfg: TrainConfig, store: FeatureStore, key: str, out: str) -> dict[str, Any]:
+    snap = store.open(key)
+    if snap.version == 0 or snap.index.num_rows == 0:
+        raise ValueError(f"KEY {key} in {store.root} has no samples yet")
+    run = {"run_name": f"subsume-{uuid.uuid4().hex[:10]}", "store": store.root, "key": key, "version": snap.version,
+           "manifest_sha256": snap.manifest_sha256, "samples": snap.index.num_rows, "config": cfg.to_dict()}
+    with open(os.path.join(out, RUN_FILE), "w") as f:
+        json.dump(run, f, indent=1)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        f.write(dump_config(cfg))
+    return run
+
+
+def _open_run(store: FeatureStore, key: str, out: str) -> dict[str, Any]:
+    with open(os.path.join(out, RUN_FILE)) as f:
+        run = json.load(f)
+    if run["key"] != key or run["store"] != store.root:
+        raise ValueError(f"{out} is a run on {run['store']}/{run['key']}, not {store.root}/{key}: use a new --out")
+    return run
+
+
+def prepare_run(cfg: TrainConfig, root: str, key: str, out: str, storage_options: dict[str, Any]
+                ) -> tuple[TrainConfig, DataSource, dict[str, Any]]:
+    """Create or reopen the run folder; returns the config with the student resolved against the KEY, the
+    data source (with the lineage every checkpoint carries) and the run record."""
+    missing = missing_sinks(cfg.report_to)
+    if missing:
+        raise ValueError(f"report_to {missing}: not installed (pip install 'subsume[{','.join(missing)}]')")
     os.makedirs(out, exist_ok=True)
-    run_path = os.path.join(out, RUN_FILE)
-    store = FeatureStore(root, storage_options)
-    root = store.root  # absolute when local: the workers resolve it from their own working directory
-    if os.path.exists(run_path):
-        with open(run_path) as f:
-            run = json.load(f)
-        if run["key"] != key or run["store"] != root:
-            raise ValueError(f"{out} is a run on {run['store']}/{run['key']}, not {root}/{key}: use a new --out")
-        snap = store.open(key, run["version"])
-    else:
-        snap = store.open(key)
-        if snap.version == 0 or snap.index.num_rows == 0:
-            raise ValueError(f"KEY {key} in {root} has no samples yet")
-        run = {"run_name": f"subsume-{uuid.uuid4().hex[:10]}", "store": root, "key": key, "version": snap.version,
-               "manifest_sha256": snap.manifest_sha256, "samples": snap.index.num_rows,
-               "config": cfg.to_dict()}
-        with open(run_path, "w") as f:
-            json.dump(run, f, indent=1)
-        with open(os.path.join(out, "config.yaml"), "w") as f:
-            f.write(dump_config(cfg))
-    spec = snap.spec
+    store = FeatureStore(root, storage_options)  # root absolute when local: workers run elsewhere
+    run = _open_run(store, key, out) if os.path.exists(os.path.join(out, RUN_FILE)) else None
+    snap = store.open(key, run["version"] if run else None)
+    cfg = resolve_student(cfg, snap.spec)
+    run = run or _new_run(cfg, store, key, out)
+    if snap.manifest_sha256 != run["manifest_sha256"]:
+        raise ValueError(f"snapshot {snap.version} of {key} changed since this run started (manifest hash differs)")
+    src = _data_source(cfg, store, snap, storage_options)
+    src.lineage = RunLineage(store=store.root, key=key, version=snap.version, manifest_sha256=snap.manifest_sha256,
+                             heldout_fraction=cfg.data.heldout_fraction, seed=cfg.seed, student=cfg.student.to_dict(),
+                             sampling=to_dict(snap.spec.sampling), preprocess=to_dict(snap.spec.preprocess),
+                             run_name=run["run_name"], target_space=src.target_space, config=cfg.to_dict()).to_dict()
+    return cfg, src, run
+
+
+def _data_source(cfg: TrainConfig, store: FeatureStore, snap: Any, storage_options: dict[str, Any]) -> DataSource:
+    spec, key = snap.spec, snap.key
     mean, std = snap.target_mean_std()
-    src = DataSource(root=root, key=key, version=snap.version, storage_options=dict(storage_options),
+    src = DataSource(root=store.root, key=key, version=snap.version, storage_options=dict(storage_options),
                      target_mean=mean.tolist(), target_std=std.tolist(), teacher_model=spec.teacher.model,
                      teacher_revision=spec.teacher.revision, teacher_fingerprint=spec.teacher_fingerprint,
                      teacher_precision=spec.teacher.precision, image_size=spec.preprocess.crop,
@@ -69,10 +106,7 @@ def prepare_run(cfg: TrainConfig, root: str, key: str, out: str, storage_options
         pmean, pstd = patch_mean_stats(store, key, snap.version)
         src.target_space, src.embed_dim = "patch_mean", int(pmean.shape[0])
         src.target_mean, src.target_std = pmean.tolist(), pstd.tolist()
-    if cfg.student.image_size != spec.preprocess.crop:
-        raise ValueError(f"student.image_size {cfg.student.image_size} != the KEY's frame size "
-                         f"{spec.preprocess.crop}; set --set student.image_size={spec.preprocess.crop}")
-    return src, run
+    return src
 
 
 def run_in_process(cfg: TrainConfig, src: DataSource, out: str, log: Callable[[str], None] = _log) -> dict[str, Any]:
@@ -97,7 +131,7 @@ def run_in_process(cfg: TrainConfig, src: DataSource, out: str, log: Callable[[s
             os.replace(tmp, dest)  # a checkpoint appears whole or not at all
             last["path"] = dest
 
-    env = WorkerEnv(report=report, restore_dir=last["path"], out_dir=out)
+    env = WorkerEnv(report=report, restore_dir=last["path"], out_dir=out, callbacks=load_callbacks(cfg.callbacks))
     summary = train_worker(cfg, src, env, log=log)
     return {**summary, "checkpoint": last["path"]}
 
@@ -121,7 +155,7 @@ def _ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
         env = WorkerEnv(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                         device=ray.train.torch.get_device(), prepare=ray.train.torch.prepare_model,
                         report=report, restore_dir=restore_dir, out_dir=config["out"],
-                        crash_after_step=config.get("crash_after_step", 0))
+                        callbacks=load_callbacks(cfg.callbacks))
         # A logger, not print: Ray Train patches print on its workers to log each line as well as print it
         # (two lines on the console); its logging setup sends our records to the driver's stderr once.
         return train_worker(cfg, src, env, log=logging.getLogger("subsume.train").info)
@@ -144,9 +178,7 @@ def run_ray(cfg: TrainConfig, src: DataSource, out: str, run_name: str, storage_
     storage_path = storage_path or os.path.abspath(os.path.join(out, "ray"))
     trainer = TorchTrainer(
         _ray_train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "src": asdict(src), "out": os.path.abspath(out),
-                           # a test seam for worker failure (FailureConfig); never set in normal use
-                           "crash_after_step": int(os.environ.get("SUBSUME_TEST_CRASH_AFTER_STEP", "0"))},
+        train_loop_config={"cfg": cfg.to_dict(), "src": asdict(src), "out": os.path.abspath(out)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -155,13 +187,16 @@ def run_ray(cfg: TrainConfig, src: DataSource, out: str, run_name: str, storage_
     result = trainer.fit()
     summary = dict(result.return_value or {})
     ckpt = result.checkpoint
-    return {**summary, "checkpoint": ckpt.path if ckpt is not None else None}
+    path = ckpt.path if ckpt is not None else None
+    if path and "://" in storage_path and "://" not in path:  # Ray gives the path inside its filesystem
+        path = f"{storage_path.split('://', 1)[0]}://{path.lstrip('/')}"
+    return {**summary, "checkpoint": path}
 
 
 def run_train(cfg: TrainConfig, root: str, key: str, out: str, *, storage_options: dict[str, Any] | None = None,
               storage_path: str | None = None, in_process: bool | None = None,
               log: Callable[[str], None] = _log) -> dict[str, Any]:
-    src, run = prepare_run(cfg, root, key, out, storage_options or {})
+    cfg, src, run = prepare_run(cfg, root, key, out, storage_options or {})
     in_process = (cfg.workers <= 1 and not cfg.use_gpu) if in_process is None else in_process
     if in_process:
         summary = run_in_process(cfg, src, out, log)
@@ -169,10 +204,17 @@ def run_train(cfg: TrainConfig, root: str, key: str, out: str, *, storage_option
         summary = run_ray(cfg, src, out, run["run_name"], storage_path)
     if summary.get("checkpoint"):
         write_curves(out, log)
-    return {"out": os.path.abspath(out), "run_name": run["run_name"], "key": key, "version": src.version,
-            "manifest_sha256": run["manifest_sha256"], "objective": cfg.objective, "targets": cfg.targets,
-            "workers": cfg.workers, **summary, "export": os.path.join(summary["checkpoint"], EXPORT_DIR)
-            if summary.get("checkpoint") else None}
+    result = {"out": os.path.abspath(out), "run_name": run["run_name"], "key": key, "version": src.version,
+              "manifest_sha256": run["manifest_sha256"], "objective": cfg.objective, "targets": cfg.targets,
+              "workers": cfg.workers, "student": {"frames": cfg.student.frames, "image_size": cfg.student.image_size},
+              **summary, "export": _join(summary["checkpoint"], EXPORT_DIR) if summary.get("checkpoint") else None}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump({k: v for k, v in result.items() if k != "loss_history"}, f, indent=1)
+    return result
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}" if "://" in base else os.path.join(base, name)
 
 
 def write_curves(out: str, log: Callable[[str], None] = _log) -> str | None:
