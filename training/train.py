@@ -44,10 +44,11 @@ def resolve_student(cfg: TrainConfig, spec: FeatureSpec) -> TrainConfig:
 
 def _new_run(cfg: TrainConfig, store: FeatureStore, key: str, out: str) -> dict[str, Any]:
     snap = store.open(key)
-    if snap.version == 0 or snap.index.num_rows == 0:
+    samples = snap.manifest["counts"]["samples"] if snap.version else 0  # counted in Arrow, no index rows
+    if samples == 0:
         raise ValueError(f"KEY {key} in {store.root} has no samples yet")
     run = {"run_name": f"subsume-{uuid.uuid4().hex[:10]}", "store": store.root, "key": key, "version": snap.version,
-           "manifest_sha256": snap.manifest_sha256, "samples": snap.index.num_rows, "config": cfg.to_dict()}
+           "manifest_sha256": snap.manifest_sha256, "samples": samples, "config": cfg.to_dict()}
     with open(os.path.join(out, RUN_FILE), "w") as f:
         json.dump(run, f, indent=1)
     with open(os.path.join(out, "config.yaml"), "w") as f:
