@@ -161,6 +161,9 @@ def make_loader(spec: StreamSpec, position: DataPosition, *, num_workers: int, p
     if len(position.streams) != max(1, num_workers):
         raise ValueError(f"the checkpoint's data position has {len(position.streams)} loader streams, the run "
                          f"{max(1, num_workers)}: resume with --set loader.num_workers={len(position.streams)}")
-    extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers else {}
+    # Loader workers start from a fresh forkserver, not a fork of this process: the store's Delta Lake client
+    # (delta-rs) owns a tokio runtime that panics in a forked child.
+    extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True,
+             "multiprocessing_context": "forkserver"} if num_workers else {}
     return torch.utils.data.DataLoader(TrainStream(spec, position), batch_size=None, num_workers=num_workers,
                                        collate_fn=None, pin_memory=pin_memory, **extra)
