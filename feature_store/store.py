@@ -272,6 +272,8 @@ class FeatureStore:
 
     def delete_key(self, key: str) -> None:
         self.fs.rm(self.key_path(key), recursive=True)
+        self._specs.pop(key, None)  # what was cached about it is gone with it
+        self._format2.discard(key)
 
 
 

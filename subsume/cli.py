@@ -42,8 +42,9 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
                         "S3 endpoint and credentials otherwise come from the standard AWS environment")
 
 
-def _add_feature_flags(p: argparse.ArgumentParser, *, for_lookup: bool = False) -> None:
-    """Flags that define a feature KEY (teacher, preprocessing, sampling, storage)."""
+def _add_feature_flags(p: argparse.ArgumentParser, *, for_lookup: bool = False, for_train: bool = False) -> None:
+    """Flags that define a feature KEY (teacher, preprocessing, sampling, storage). `for_lookup`: --teacher may
+    come from a KEY file instead; `for_train`: the teacher's precision is spelled --teacher-precision."""
     g = p.add_argument_group("teacher and sampling (these define the KEY)")
     g.add_argument("--teacher", required=not for_lookup, metavar="MODEL",
                    help="Hugging Face model id (e.g. openai/clip-vit-base-patch16) or a local folder")
@@ -55,7 +56,7 @@ def _add_feature_flags(p: argparse.ArgumentParser, *, for_lookup: bool = False) 
                    help="also store the patch tokens pooled to a GxG grid per frame (0: off, default)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the teacher checkpoint to run its own code (off by default)")
-    if for_lookup:  # train: named apart from the training precision (--set precision=bf16)
+    if for_train:  # named apart from the training precision (--set precision=bf16)
         g.add_argument("--teacher-precision", dest="precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                        help="the teacher precision the KEY was extracted with (finds the KEY) (default fp32)")
         g.add_argument("--precision", dest="deprecated_precision", choices=["fp32", "bf16", "fp16"],
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray Train storage for checkpoints (default: OUT/ray); may be s3://")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    _add_feature_flags(p, for_lookup=True)
+    _add_feature_flags(p, for_lookup=True, for_train=True)
     _add_storage(p)
     _add_common(p)
     p.set_defaults(handler="subsume.commands:cmd_train")
