@@ -44,7 +44,7 @@ class DecodeStage:
 
     def __init__(self, sampling: dict, preprocess: dict, storage: dict, *, timeout_s: float,
                  storage_options: dict | None = None, decoder: str = "auto"):
-        from pipeline.decode import DecoderProcess
+        from pipeline.decoder_process import DecoderProcess
 
         self.sampling = SamplingSpec(**sampling)
         self.preprocess = PreprocessSpec(**{**preprocess, "mean": tuple(preprocess["mean"]),
