@@ -109,9 +109,14 @@ class DecodeLimits:
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """How many frames the sampling selects, known before any is decoded (decord)."""
+    """What is known before any frame is decoded (decord): how many frames the sampling selects, and the
+    stream's facts as StreamEnd will report them (unless decord fails part-way; see StreamEnd.decoder)."""
 
     sampled_total: int
+    decoder: str
+    fps: float
+    num_frames: int
+    rotation: int
 
 
 @dataclass
@@ -380,7 +385,13 @@ def _decode_decord(path: str, sampling: SamplingSpec, transform: Transform | Non
                    rotation: int, limits: DecodeLimits, done: _Resume) -> Iterator[DecodeEvent]:
     reader, timestamps, fps = _open_decord(path, threads, limits)
     indices = np.sort(select_frames(timestamps, sampling)).astype(np.int64)
-    yield StreamPlan(len(indices))
+    try:
+        # A count announced is a promise (segments leave before the video ends): a file cut short, whose
+        # container still counts the lost frames, fails here, before anything is yielded.
+        reader.get_batch([int(indices[-1])])
+    except Exception as e:
+        raise _DecordUnusable("decoder_error", f"decord cannot read the last frame of {path}: {_first_line(e)}") from e
+    yield StreamPlan(len(indices), "decord", fps, len(reader), rotation)
     for start in range(0, len(indices), chunk):
         part = indices[start:start + chunk]
         try:

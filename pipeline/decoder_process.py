@@ -124,7 +124,7 @@ class DecoderProcess:
             pixels = np.frombuffer(self._receive(wait, raw=True), dtype=np.uint8).reshape(msg["shape"])
             return FrameChunk(pixels, np.asarray(msg["indices"], np.int64), np.asarray(msg["timestamps"], np.float64))
         if kind == "plan":
-            return StreamPlan(msg["sampled_total"])
+            return StreamPlan(**{k: v for k, v in msg.items() if k != "kind"})
         if kind == "end":
             self.child_peak_rss = msg.pop("peak_rss")
             return StreamEnd(**{k: v for k, v in msg.items() if k != "kind"})
@@ -140,8 +140,14 @@ class DecoderProcess:
         parent_conn, child_conn = self._ctx.Pipe()
         self._process = self._ctx.Process(target=_child_main, args=(child_conn, self._workdir, self.decode_fn),
                                           daemon=True, name="subsume-decoder")
-        self._process.start()
-        child_conn.close()
+        try:
+            self._process.start()
+        except BaseException:
+            self._process = None
+            parent_conn.close()
+            raise
+        finally:
+            child_conn.close()
         self._conn = parent_conn
         # Wait for the child's imports, so that request timeouts measure decoding, not start-up.
         if not parent_conn.poll(STARTUP_TIMEOUT_S) or not _recv_ready(parent_conn):
@@ -259,7 +265,7 @@ def _send_event(conn: Any, event: DecodeEvent) -> None:
                    "timestamps": event.timestamps.tolist()})
         conn.send_bytes(frames.reshape(-1).data)  # one flat view: send_bytes counts items of dimension 0
     elif isinstance(event, StreamPlan):
-        conn.send({"kind": "plan", "sampled_total": event.sampled_total})
+        conn.send({"kind": "plan", **dataclasses.asdict(event)})
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         conn.send({"kind": "end", **dataclasses.asdict(event), "peak_rss": peak})

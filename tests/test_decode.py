@@ -388,7 +388,7 @@ def test_iter_decode_streams_bounded_chunks_then_a_summary(vids, decoder, monkey
     # decord knows the count before it decodes; PyAV finds it out at the end
     assert [p.sampled_total for p in plans] == ([N] if decoder == "decord" else [])
     if decoder == "decord":
-        assert events[0] == decode_mod.StreamPlan(N)
+        assert events[0] == decode_mod.StreamPlan(N, "decord", events[-1].fps, N, 0)
 
 
 def test_pyav_carries_on_after_decord_fails_part_way(vids, monkeypatch):
@@ -452,7 +452,7 @@ def test_a_remote_file_that_does_not_fit_the_temp_folder_is_an_io_failure(vids, 
 def test_decoder_process_streams_chunks_and_reports_the_childs_peak_memory(vids):
     with DecoderProcess(timeout_s=60) as proc:
         events = list(proc.stream(str(vids["h264.mp4"]), EVERY_FRAME))
-        assert events[0] == decode_mod.StreamPlan(N)
+        assert events[0] == decode_mod.StreamPlan(N, "decord", events[-1].fps, N, 0)
         chunks = [e for e in events if isinstance(e, decode_mod.FrameChunk)]
         assert len(chunks) == 2 and [m for c in chunks for m in V.read_markers(c.frames)] == list(range(N))
         assert 10 * 2**20 < proc.child_peak_rss < 2**33
