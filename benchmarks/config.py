@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-BENCHMARKS = ("cached_vs_online", "extraction", "loader", "reuse", "storage", "scaling")
+BENCHMARKS = ("cached_vs_online", "extraction", "loader", "reuse", "storage", "scaling", "decode_memory")
 # What the GPU preset can run on a machine without Ray, decord or webdataset.
 RAY_FREE_BENCHMARKS = ("cached_vs_online", "extraction", "storage")
 
@@ -74,6 +74,10 @@ class BenchConfig:
     repeats: int = 3  # cached, teacher-alone and online measurements are interleaved this many times
     frames_alone: int = 512  # frames for the per-stage (decode / teacher alone) measurements
     loader_epochs: int = 2
+    # decode memory: a long and a 1-minute generated video (small frames, so generating them is quick)
+    decode_long_s: float = 1200.0
+    decode_short_s: float = 60.0
+    decode_video_fps: float = 10.0
     rss_interval_s: float = 0.1
 
     def __post_init__(self) -> None:

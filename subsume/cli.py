@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     lim = p.add_argument_group("limits per video (a video over one is recorded as failed with the reason; 0 lifts it)")
     lim.add_argument("--max-duration", type=float, default=3 * 3600.0, metavar="SECONDS",
                      help="longest video (default 10800, 3 hours): too_long")
-    lim.add_argument("--max-frames", type=int, default=648_000, metavar="N",
+    lim.add_argument("--max-video-frames", type=int, default=648_000, metavar="N",
                      help="most frames in a video (default 648000, 3 hours at 60 fps): too_long")
     lim.add_argument("--max-file-size", type=float, default=16.0, metavar="GB",
                      help="largest file, in GiB (default 16): too_large")

@@ -76,7 +76,7 @@ def extract_config(args: argparse.Namespace):
 def _decode_limits(args: argparse.Namespace):
     from pipeline.decode import DecodeLimits
 
-    return DecodeLimits(max_duration_s=args.max_duration, max_frames=args.max_frames,
+    return DecodeLimits(max_duration_s=args.max_duration, max_frames=args.max_video_frames,
                         max_file_bytes=int(args.max_file_size * 2**30), max_aspect=args.max_aspect)
 
 
