@@ -34,6 +34,7 @@ decord, at realistic sizes; `--set FIELD=VALUE` changes one size (see `benchmark
 | `reuse` | wall time of a second extraction over the same videos over the first | <= 0.1 |
 | `storage` | mean centred cosine of float16 targets against the float32 teacher output (the lowest over teachers and the store's own record) | >= 0.9999 |
 | `scaling` | peak RSS of all the job's processes (driver, Ray, workers, decoder children) at the largest video count over the 1x count | <= 1.2 |
+| `decode_memory` | peak RSS of the decode stage on a long generated video (20 min) over a 1-minute one, each in a fresh process: the larger of the parent's (the decode actor's) and the decoder child's ratio; a whole-video decode is reported beside it | <= 1.5 |
 
 End-to-end figures (`e2e_*`, `wall_s`) include start-up (Ray, model loads); per-stage figures exclude it.
 Teachers are random-weight `CLIPVisionModelWithProjection` models of the named shape (nothing is
