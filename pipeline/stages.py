@@ -214,6 +214,7 @@ class TeacherStage:
         self.batch_size = batch_size
         self.storage = StorageSpec(**storage)
         self.t = segment_frames
+        self.failed: set[str] = set()  # videos this actor already reported as failed (one row per video)
         dtype = np.dtype(self.storage.target_dtype)
         self.shapes: dict[str, tuple[tuple[int, ...], Any]] = {
             "frame_indices": ((self.t,), np.int64), "timestamps": ((self.t,), np.float64),
@@ -232,6 +233,8 @@ class TeacherStage:
                 log.warning("teacher failed on a batch of %d segments: %s", len(ok), e)
                 for r in ok:
                     r.error, r.stage, r.message = _teacher_error(e), "teacher", f"{type(e).__name__}: {e}"
+                rows = [r for r in rows if not (r.failed and r.stage == "teacher" and r.video_sha256 in self.failed)]
+                self.failed.update(r.video_sha256 for r in ok)
         for r in rows:
             r.frames = None  # the writer stores the encoded frames; the pixels stop here
         return to_batch(one_failure_per_video(rows), self.shapes)

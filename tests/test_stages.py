@@ -175,6 +175,9 @@ def test_an_out_of_memory_batch_is_retried_once_at_half_size(decoded, tiny_teach
     # one failure row per video, whatever the number of its segments in the batch
     assert sorted((r.video_sha256[:1], r.error, r.stage) for r in rows) == [
         ("a", "oom", "teacher"), ("b", "oom", "teacher"), ("s", "oom", "teacher"), ("t", "not_a_video", "decode")]
+    # the same videos failing again in a later batch of this actor are not reported twice
+    rows = from_batch(stage(concat(decoded)))
+    assert [(r.video_sha256[:1], r.error) for r in rows] == [("t", "not_a_video")]
 
 
 # --- writer --------------------------------------------------------------------------------------------
