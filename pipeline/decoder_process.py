@@ -248,8 +248,14 @@ def _serve(conn: Any, request: dict[str, Any], workdir: str, decode_fn: Callable
                            transform=_resize_crop_transform(request["resize_crop"]), decoder=request["decoder"],
                            storage_options=request["storage_options"], limits=DecodeLimits(**request["limits"]),
                            threads=request["threads"], tmp_dir=workdir)
+        end = None
         for event in events:
+            if isinstance(event, StreamEnd):
+                end = event  # sent once the stream is closed: its temp copy is gone by then
+                continue
             _send_event(conn, event)
+        if end is not None:
+            _send_event(conn, end)
     except DecodeError as e:
         conn.send({"kind": "error", "reason": e.reason, "message": e.message})
     except (BrokenPipeError, EOFError):

@@ -475,3 +475,18 @@ def test_a_child_dying_mid_stream_is_a_crash_after_the_chunks_it_sent(vids):
                 got.append(event)
         assert err.value.reason == "crashed" and proc.restarts == 1
         assert [type(e).__name__ for e in got] == ["StreamPlan", "FrameChunk"]
+
+
+def test_decoder_process_reads_an_s3_video_through_a_capped_temp_copy(vids, s3_env, s3_endpoint):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).upload_file(str(vids["h264.mp4"]), s3_env, "v/h264.mp4")
+    url = f"s3://{s3_env}/v/h264.mp4"
+    with DecoderProcess(timeout_s=60) as proc:  # the child inherits the AWS_* settings of this process
+        assert markers(proc.decode(url, SamplingSpec(fps=5))) == list(range(0, N, 2))
+        assert os.listdir(proc._workdir) == []  # the temp copy is gone with its video
+    size = vids["h264.mp4"].stat().st_size
+    with DecoderProcess(timeout_s=60, limits=DecodeLimits(max_file_bytes=size - 1)) as proc:
+        with pytest.raises(DecodeError) as err:
+            proc.decode(url, SamplingSpec(fps=5))
+        assert err.value.reason == "too_large" and os.listdir(proc._workdir) == []
