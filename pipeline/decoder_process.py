@@ -228,6 +228,8 @@ def _child_main(conn: Any, workdir: str, decode_fn: Callable[..., Iterator[Decod
 
     with contextlib.suppress(ImportError):
         import decord  # noqa: F401
+    import feature_store.preprocess  # noqa: F401  (torch: seconds, which must not count against a video)
+
     conn.send("ready")
     while True:
         try:

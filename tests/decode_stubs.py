@@ -26,3 +26,14 @@ def crash_after_first_chunk(source: str, sampling: Any, **kwargs: Any):
         yield event
         if i >= 1:  # the plan, then one chunk
             os._exit(71)
+
+
+def by_name(source: str, sampling: Any, **kwargs: Any):
+    """A file named crash* kills the child after the first chunk; one named slow* hangs after it."""
+    name = os.path.basename(source)
+    for i, event in enumerate(iter_decode(source, sampling, **kwargs)):
+        yield event
+        if i >= 1 and name.startswith("crash"):
+            os._exit(72)
+        if i >= 1 and name.startswith("slow"):
+            time.sleep(600)

@@ -248,3 +248,25 @@ def test_rows_round_trip_through_columns():
     back = from_batch(batch)
     assert back[0].segment == 3 and back[0].frames_blob == b"\x00\x01" and back[0].frames[0, 0, 0, 0] == 7
     assert back[1].failed and back[1].frames is None and back[1].as_failure().retryable
+
+
+def test_a_decoder_that_crashes_or_hangs_part_way_costs_only_its_video(clips, preprocess, tmp_path):
+    import shutil
+
+    from tests import decode_stubs
+
+    crash, slow = tmp_path / "crash.mp4", tmp_path / "slow.mp4"
+    shutil.copy(clips["a"], crash)
+    shutil.copy(clips["a"], slow)
+    stage = DecodeStage(dataclasses.asdict(SAMPLING), dataclasses.asdict(preprocess), dataclasses.asdict(STORAGE),
+                        timeout_s=20, decode_fn=decode_stubs.by_name)
+    try:
+        rows = from_batch(concat(list(stage(work(("c", crash, []), ("s", slow, []), ("b", clips["b"], []))))))
+    finally:
+        stage.proc.close()
+    fails = [(r.video_sha256[:1], r.error, r.stage) for r in rows if r.failed]
+    assert fails == [("c", "crashed", "decode"), ("s", "timeout", "decode")]
+    # the chunk that arrived before the crash or hang still gave its (complete) segments; the next video is whole
+    assert [(r.video_id, r.segment) for r in rows if not r.failed] == [
+        ("c", 0), ("c", 1), ("s", 0), ("s", 1), ("b", 0), ("b", 1)]
+    assert stage.proc.restarts == 2
