@@ -9,7 +9,9 @@ shapes; a failure row carries zeros), so no stage parses text another stage wrot
 Failure classes (`Failure.error`): a decode reason (pipeline.decode.REASONS: not_a_video, empty_file,
 corrupt, too_long, too_large, bad_aspect, timeout, crashed, io, ...), "too_short" (sampling), "oom" (a teacher
 batch that did not fit even at half size), "teacher_error", "write_error". TRANSIENT ones may pass on a
-retry; the others are properties of the file (`Failure.retryable`).
+retry; the others are properties of the file (`Failure.transient`). The ledger's `retryable` keeps its
+meaning (false only for what no retry can change under the same settings, a video too short to sample);
+the retry policy per class belongs to the planner.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ class Failure:
     stage: str  # read, decode, sampling, teacher, write
     error: str  # a short failure class (see the module docstring)
     message: str
+    retryable: bool = True
 
     @property
-    def retryable(self) -> bool:
+    def transient(self) -> bool:
+        """A cause that may go away on a retry (timeout, crash, I/O, memory), not a property of the file."""
         return self.error in TRANSIENT
 
     def to_record(self) -> dict[str, Any]:
@@ -93,7 +97,8 @@ class SegmentRow:
         return cls(video_sha256=f.video_sha256, source=f.source, error=f.error, stage=f.stage, message=f.message)
 
     def as_failure(self) -> Failure:
-        return Failure(self.video_sha256, self.source, self.stage, self.error, self.message)
+        return Failure(self.video_sha256, self.source, self.stage, self.error, self.message,
+                       retryable=self.error != "too_short")
 
     def sample_meta(self) -> dict[str, Any]:
         """The sample's metadata as stored in its shard (`<key>.json`) and, in part, the KEY's index."""

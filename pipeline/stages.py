@@ -146,7 +146,7 @@ class _VideoSegments:
             seg = self.stage.sampling.segment_frames
             yield [SegmentRow.failure(Failure(self.work.sha, self.work.source, "sampling", "too_short",
                                               f"{end.sampled} sampled frames < one segment of {seg}, "
-                                              f"and short videos are dropped"))]
+                                              f"and short videos are dropped", retryable=False))]
         elif rows:
             for r in rows:
                 if r.frames is None:

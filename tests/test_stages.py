@@ -232,9 +232,10 @@ def test_writer_retries_storage_errors_then_fails_the_videos_not_the_job(targete
 
     monkeypatch.setattr(FeatureStore, "write_shard", down)
     payloads = write(targeted, tmp_path)
-    fails = sorted((p["failure"]["video_sha256"][:1], p["failure"]["error"], p["failure"]["retryable"]) for p in payloads)
-    assert fails == [("a", "write_error", True), ("b", "write_error", True), ("s", "write_error", True),
-                     ("t", "not_a_video", False)]
+    fails = sorted((p["failure"]["video_sha256"][:1], p["failure"]["error"], p["failure"]["stage"]) for p in payloads)
+    assert fails == [("a", "write_error", "write"), ("b", "write_error", "write"), ("s", "write_error", "write"),
+                     ("t", "not_a_video", "decode")]
+    assert all(p["failure"]["retryable"] for p in payloads)
 
 
 def test_rows_round_trip_through_columns():
@@ -247,7 +248,9 @@ def test_rows_round_trip_through_columns():
     assert batch["frames"].shape == (2, 4, 2, 2, 3) and batch["segment"].dtype == np.int64
     back = from_batch(batch)
     assert back[0].segment == 3 and back[0].frames_blob == b"\x00\x01" and back[0].frames[0, 0, 0, 0] == 7
-    assert back[1].failed and back[1].frames is None and back[1].as_failure().retryable
+    assert back[1].failed and back[1].frames is None and back[1].as_failure().transient
+    assert not SegmentRow(video_sha256="z", source="u", error="not_a_video").as_failure().transient
+    assert not SegmentRow(video_sha256="z", source="u", error="too_short").as_failure().retryable
 
 
 def test_a_decoder_that_crashes_or_hangs_part_way_costs_only_its_video(clips, preprocess, tmp_path):
