@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from feature_store.spec import FeatureSpec, SamplingSpec, StorageSpec, TeacherSpec
-
 from feature_store.ledger import FAILURES_SCHEMA, cause_of, judge_version
 from feature_store.snapshot import Snapshot
 from feature_store.store import HEARTBEAT_S, CommitBatch, FeatureStore, Fidelity, ShardRecord, TargetStats, new_run_id
+from pipeline.decode import DecodeLimits
 from pipeline.plan import Plan, VideoInput, index_for_inputs, index_for_listing, known_hashes, make_plan
 from pipeline.sources import VideoRef, hash_video, list_videos, stat_video
 from pipeline.stages import DecodeStage, TeacherStage, WriteStage, failure_record
@@ -55,6 +55,7 @@ class ExtractConfig:
     commit_every_s: float = 30.0
     max_in_flight: int = 2  # batches queued per actor (bounded memory: decoded frames never pile up)
     object_store_memory_gb: float | None = None
+    decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
 
 
 def resolve_feature_spec(cfg: ExtractConfig) -> FeatureSpec:
@@ -398,7 +399,7 @@ def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, ke
         num_cpus=actors.decode_cpus,
         fn_constructor_kwargs=dict(sampling=asdict(spec.sampling), preprocess=asdict(spec.preprocess),
                                    storage=asdict(spec.storage), timeout_s=cfg.decode_timeout,
-                                   storage_options=cfg.storage_options),
+                                   storage_options=cfg.storage_options, limits=asdict(cfg.decode_limits)),
     )
     ds = ds.map_batches(
         TeacherStage, batch_size=max(1, cfg.batch_size // spec.sampling.segment_frames),
@@ -409,7 +410,9 @@ def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, ke
                                    device="cuda" if use_gpu else ("cpu" if cfg.device == "auto" else cfg.device),
                                    precision=cfg.teacher.precision, batch_size=cfg.batch_size, storage=asdict(spec.storage),
                                    segment_frames=spec.sampling.segment_frames,
-                                   cpu_threads=actors.teacher_threads))
+                                   cpu_threads=actors.teacher_threads,
+                                   expect=dict(fingerprint=spec.teacher_fingerprint, embed_dim=spec.embed_dim,
+                                               output_used=spec.output_used)))
     ds = ds.map_batches(
         WriteStage, batch_size=cfg.samples_per_shard, num_cpus=0,
         compute=ActorPoolStrategy(min_size=1, max_size=n_decode, max_tasks_in_flight_per_actor=cfg.max_in_flight),

@@ -69,9 +69,16 @@ def extract_config(args: argparse.Namespace):
         decode_timeout=args.decode_timeout, batch_size=args.batch_size, teacher_actors=args.teacher_actors,
         decode_concurrency=args.decode_concurrency, samples_per_shard=args.samples_per_shard,
         commit_every_shards=args.commit_every, max_in_flight=args.max_in_flight,
-        object_store_memory_gb=args.object_store_memory,
+        object_store_memory_gb=args.object_store_memory, decode_limits=_decode_limits(args),
         device=args.device, dry_run=args.dry_run, storage_options=args.storage_options,
         progress=not args.quiet)
+
+
+def _decode_limits(args: argparse.Namespace):
+    from pipeline.decode import DecodeLimits
+
+    return DecodeLimits(max_duration_s=args.max_duration, max_frames=args.max_video_frames,
+                        max_file_bytes=int(args.max_file_size * 2**30), max_aspect=args.max_aspect)
 
 
 def cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
