@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "RAY_ADDRESS's cluster or starts a local one)")
     f = store_action("failures", "failed videos of a KEY with reasons and what the next run does", with_key=True)
     f.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    store_action("runs", "the KEY's extraction runs: when, nodes, videos, failures by reason, versions committed",
+                 with_key=True)
     store_action("upgrade", "convert a KEY written by store format 1 to format 2 (once)", with_key=True)
     s = store_action("gc", "remove leftovers of killed jobs and expired versions; optionally whole KEYs",
                      with_key=False)

@@ -308,6 +308,24 @@ def cmd_store_failures(args: argparse.Namespace) -> dict[str, Any]:
     return {"key": args.key, "failures": [{c: r.get(c) for c in cols} for r in rows]}
 
 
+def cmd_store_runs(args: argparse.Namespace) -> dict[str, Any]:
+    from feature_store.runs import list_runs
+    from feature_store.store import KeyNotFound
+
+    try:
+        runs = list_runs(_store(args), args.key)
+    except KeyNotFound as e:
+        raise CliError(str(e)) from e
+    if not args.json:
+        print(f"{len(runs)} runs in {args.key}")
+        for r in runs:
+            nodes = len([n for n in r.get("nodes", []) if n.get("alive")])
+            print(f"  {r.get('run_id')}  ok={r.get('videos_ok')} failed={r.get('videos_failed')} "
+                  f"frames={r.get('frames_computed')} versions={r.get('versions_committed')} nodes={nodes} "
+                  f"failures={r.get('failures_by_reason')}")
+    return {"key": args.key, "runs": runs}
+
+
 def cmd_store_upgrade(args: argparse.Namespace) -> dict[str, Any]:
     from feature_store.upgrade import upgrade_format1
 
