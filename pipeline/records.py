@@ -58,7 +58,8 @@ ARRAY_FIELDS = ("frame_indices", "timestamps", "frames", "targets", "patches")
 @dataclass
 class SegmentRow:
     video_sha256: str
-    source: str
+    source: str  # Arrow-safe form of the name (feature_store.names.encode_name)
+    source_raw: bytes = b""  # the name's bytes when it is not UTF-8
     error: str = ""  # "" for a sample; else this row is the video's failure
     stage: str = ""
     message: str = ""
@@ -78,6 +79,8 @@ class SegmentRow:
     teacher_s: float = 0.0  # this segment's share of its teacher batch's time
     teacher_t0: float = 0.0  # wall clock of its teacher batch's start and end
     teacher_t1: float = 0.0
+    decode_node: str = ""  # Ray node ids of the actors that decoded and embedded it ("" outside Ray)
+    teacher_node: str = ""
     fid_n: int = 0  # fidelity of the stored targets: frames, sum and min of centred cosines
     fid_sum: float = 0.0
     fid_min: float = 1.0

@@ -22,18 +22,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from feature_store.shards import build_sample, decode_frames, encode_frames, sample_key
 from feature_store.spec import PreprocessSpec, SamplingSpec, StorageSpec, TeacherSpec
 from feature_store.store import FeatureStore, Fidelity, TargetStats
 from pipeline.records import Failure, SegmentRow, failure_rows, from_batch, to_batch
+from pipeline.results import WriterResult, results_table
 
 log = logging.getLogger(__name__)
 
 
-def failure_record(*, sha256: str, source: str, stage: str, error: str, message: str) -> str:
-    """A failure as JSON text in the store's failure schema (for the driver's own failures)."""
-    return json.dumps(Failure(sha256, source, stage, error, message).to_record())
+def node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray): the run summary says where each stage ran."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def _preprocess(d: dict) -> PreprocessSpec:
@@ -53,6 +57,7 @@ class DecodeStage:
         self.preprocess = _preprocess(preprocess)
         self.storage = StorageSpec(**storage)
         self.storage_options = storage_options
+        self.node = node_id()
         extra = {"decode_fn": decode_fn} if decode_fn is not None else {}
         self.proc = DecoderProcess(timeout_s=timeout_s, decoder=decoder, limits=DecodeLimits(**(limits or {})),
                                    **extra)
@@ -89,7 +94,13 @@ class _WorkRow:
     """One input row of the work list (pipeline.plan.WorkItem.to_row)."""
 
     def __init__(self, batch: dict[str, np.ndarray], i: int):
+        from feature_store.names import decode_name
+
         self.source, self.sha = str(batch["source"][i]), str(batch["sha256"][i])
+        raw = batch["source_raw"][i] if "source_raw" in batch else b""
+        self.source_raw = bytes(raw) if raw is not None else b""
+        # the name to open: a non-UTF-8 name travels as its bytes (Arrow holds UTF-8 text only)
+        self.path = decode_name(self.source, self.source_raw or None)
         self.video_id, self.labels_json = str(batch["video_id"][i]), str(batch["labels"][i])
         self.size, self.mtime = int(batch["size"][i]), float(batch["mtime"][i])
         self.have = set(json.loads(str(batch["have_segments"][i])))
@@ -111,7 +122,7 @@ class _VideoSegments:
         from pipeline.decode import DecodeError, FrameChunk, StreamEnd, StreamPlan
         from pipeline.sampling import count_segments
 
-        events = self.stage.proc.stream(self.work.source, self.stage.sampling, resize_crop=self.stage.preprocess,
+        events = self.stage.proc.stream(self.work.path, self.stage.sampling, resize_crop=self.stage.preprocess,
                                         storage_options=self.stage.storage_options)
         t0 = time.perf_counter()
         for ev in events:
@@ -175,11 +186,12 @@ class _VideoSegments:
              facts: Any) -> SegmentRow:
         w = self.work
         return SegmentRow(
-            video_sha256=w.sha, source=w.source, sample_key=sample_key(w.sha, seg_no), video_id=w.video_id,
+            video_sha256=w.sha, source=w.source, source_raw=w.source_raw, sample_key=sample_key(w.sha, seg_no), video_id=w.video_id,
             labels_json=w.labels_json, segment=seg_no, padded=bool(len(set(pos.tolist())) < len(pos)),
             decoder=facts.decoder if facts else "", fps=float(facts.fps) if facts else 0.0,
             num_frames=int(facts.num_frames) if facts else 0, rotation=int(facts.rotation or 0) if facts else 0,
-            video_size=w.size, video_mtime=w.mtime, frames_blob=blob, frame_indices=np.asarray(indices, np.int64),
+            video_size=w.size, video_mtime=w.mtime, decode_node=self.stage.node, frames_blob=blob,
+            frame_indices=np.asarray(indices, np.int64),
             timestamps=np.asarray(times, np.float64))
 
     def _stored(self, blob: bytes) -> np.ndarray:
@@ -214,6 +226,7 @@ class TeacherStage:
         self.batch_size = batch_size
         self.storage = StorageSpec(**storage)
         self.t = segment_frames
+        self.node = node_id()
         self.failed: set[str] = set()  # videos this actor already reported as failed (one row per video)
         dtype = np.dtype(self.storage.target_dtype)
         self.shapes: dict[str, tuple[tuple[int, ...], Any]] = {
@@ -251,7 +264,7 @@ class TeacherStage:
             sl = slice(j * self.t, (j + 1) * self.t)
             r.targets = stored[sl]
             r.patches = grid[sl].astype(self.storage.target_dtype) if grid is not None else None
-            r.teacher_s, r.teacher_t0, r.teacher_t1 = share, wall0, wall1
+            r.teacher_s, r.teacher_t0, r.teacher_t1, r.teacher_node = share, wall0, wall1, self.node
             r.fid_n, r.fid_sum, r.fid_min = self.t, float(cos[sl].sum()), float(cos[sl].min())
 
     def _embed_frames(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -298,37 +311,39 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (a * b).sum(1) / np.maximum(den, 1e-30), 1.0)
 
 
+# The index row fields a sample's metadata gives (pipeline.results.INDEX_ROW adds shard, labels_json, source_raw).
 INDEX_FIELDS = ("sample_key", "video_sha256", "video_id", "source", "segment", "segments_total", "frame_indices",
-                "timestamps", "labels", "num_frames", "decoder", "video_size", "video_mtime")
+                "timestamps", "num_frames", "decoder", "video_size", "video_mtime")
 WRITE_RETRIES = 4  # attempts of one shard write
 WRITE_BACKOFF_S = 0.5  # first wait; doubles after each failed attempt
 
 
 def write_shard_batch(batch: dict[str, np.ndarray], *, root: str, storage_options: dict, key: str, run_id: str,
-                      storage: dict, backoff_s: float = WRITE_BACKOFF_S) -> dict[str, list]:
-    """Write the samples of a batch as one shard; return one payload row for the shard and one per failure.
-
-    The payload (JSON text, read by pipeline.extract) keeps its format: {"failure": record} or
-    {"shard", "rows", "stats", "fidelity", "timing", "teacher_span"}."""
+                      storage: dict, backoff_s: float = WRITE_BACKOFF_S) -> pa.Table:
+    """Write the samples of a batch as one shard; return one typed result row (pipeline.results) for the shard
+    and one per failed video."""
     rows = from_batch(batch)
     samples = [r for r in rows if not r.failed]
     failures = failure_rows(rows)
-    payloads = []
+    results: list[WriterResult] = []
     if samples:
         try:
-            payloads.append(_write_samples(samples, FeatureStore(root, storage_options), key, run_id,
-                                           StorageSpec(**storage), backoff_s))
+            results.append(_write_samples(samples, FeatureStore(root, storage_options), key, run_id,
+                                          StorageSpec(**storage), backoff_s))
         except Exception as e:  # storage still down after the retries: these videos failed, not the job
             log.warning("shard write failed for %d samples: %s", len(samples), e)
             failures += failure_rows([SegmentRow.failure(Failure(r.video_sha256, r.source, "write", "write_error",
                                                                  f"{type(e).__name__}: {e}")) for r in samples])
-    payloads += [json.dumps({"failure": f.to_record()}) for f in {f.video_sha256 or f.source: f
-                                                                  for f in failures}.values()]
-    return {"payload": payloads}
+    results += [WriterResult(failure=f) for f in {f.video_sha256 or f.source: f for f in failures}.values()]
+    return results_table(results)
+
+
+def _index_row(r: SegmentRow, meta: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: meta[k] for k in INDEX_FIELDS}, "labels_json": r.labels_json, "source_raw": r.source_raw or None}
 
 
 def _write_samples(samples: list[SegmentRow], store: FeatureStore, key: str, run_id: str, spec: StorageSpec,
-                   backoff_s: float) -> str:
+                   backoff_s: float) -> WriterResult:
     stats, fidelity = TargetStats(), Fidelity()
     built, index_rows = [], []
     for r in samples:
@@ -336,7 +351,7 @@ def _write_samples(samples: list[SegmentRow], store: FeatureStore, key: str, run
         stats = stats.merge(TargetStats.of(r.targets))
         fidelity = fidelity.merge(Fidelity(r.fid_n, r.fid_sum, r.fid_min))
         built.append(build_sample(r.sample_key, r.frames_blob, spec.frame_encoding, r.targets, meta, r.patches))
-        index_rows.append({k: meta[k] for k in INDEX_FIELDS})
+        index_rows.append(_index_row(r, meta))
     t0 = time.perf_counter()
     record = _with_backoff(lambda: store.write_shard(key, run_id, built), backoff_s)
     timing = {"decode_s": sum(r.decode_s for r in samples), "teacher_s": sum(r.teacher_s for r in samples),
@@ -344,9 +359,11 @@ def _write_samples(samples: list[SegmentRow], store: FeatureStore, key: str, run
     for row in index_rows:
         row["shard"] = record.name
     spans = [(r.teacher_t0, r.teacher_t1) for r in samples if r.teacher_t1]
-    span = [min(s[0] for s in spans), max(s[1] for s in spans)] if spans else None
-    return json.dumps({"shard": record.__dict__, "rows": index_rows, "stats": stats.__dict__,
-                       "fidelity": fidelity.__dict__, "timing": timing, "teacher_span": span})
+    window = (min(s[0] for s in spans), max(s[1] for s in spans)) if spans else None
+    nodes = {"decode": sorted({r.decode_node for r in samples} - {""}),
+             "teacher": sorted({r.teacher_node for r in samples} - {""}), "write": [n for n in [node_id()] if n]}
+    return WriterResult(shard=record, stats=stats, fidelity=fidelity, timing=timing, teacher_window=window,
+                        index_rows=index_rows, nodes=nodes)
 
 
 def _with_backoff(fn: Any, backoff_s: float, tries: int = WRITE_RETRIES) -> Any:
@@ -371,5 +388,5 @@ class WriteStage:
 
         self.kwargs = kwargs
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         return write_shard_batch(batch, **self.kwargs)

@@ -96,8 +96,11 @@ def test_cpu_actor_plan_fits_the_cluster_and_gives_the_teacher_the_cores(cpus):
 
     p = plan_actors(cpus, 0)
     assert p.teacher_gpus == 0 and p.teacher_actors == cpus and p.teacher_threads == 1
-    # every actor of both pools can be placed at once, or the pipeline would wait for CPUs forever
-    assert p.decode_actors * p.decode_cpus + p.teacher_actors * p.teacher_cpus <= cpus + 1e-9
+    # every actor of the three pools can be placed at once, or the pipeline would wait for CPUs forever; writers
+    # reserve CPU, so Ray never places one on a 0-CPU head node
+    assert p.writer_cpus > 0 and p.writer_actors >= 1
+    assert (p.decode_actors * p.decode_cpus + p.teacher_actors * p.teacher_cpus
+            + p.writer_actors * p.writer_cpus <= cpus + 1e-9)
 
 
 def test_gpu_actor_plan_and_user_overrides():
@@ -105,11 +108,12 @@ def test_gpu_actor_plan_and_user_overrides():
 
     gpu = plan_actors(16, 2)
     assert (gpu.teacher_actors, gpu.teacher_gpus, gpu.teacher_threads) == (2, 1.0, 0)
-    assert gpu.decode_actors == 15 and gpu.decode_actors * gpu.decode_cpus + 2 * gpu.teacher_cpus <= 16
+    assert gpu.writer_actors == 4 and gpu.decode_actors == 14
+    assert gpu.decode_actors * gpu.decode_cpus + 2 * gpu.teacher_cpus + 4 * gpu.writer_cpus <= 16
     assert plan_actors(16, 2, "cpu").teacher_gpus == 0  # --device cpu keeps the teacher off the GPUs
     one = plan_actors(8, 0, teacher_actors=1, decode_concurrency=2)
-    assert (one.teacher_actors, one.decode_actors, one.teacher_threads) == (1, 2, 8)
-    assert one.decode_actors * one.decode_cpus + one.teacher_cpus <= 8
+    assert (one.teacher_actors, one.decode_actors, one.writer_actors, one.teacher_threads) == (1, 2, 2, 7)
+    assert one.decode_actors * one.decode_cpus + one.teacher_cpus + one.writer_actors * one.writer_cpus <= 8
 
 
 def test_steady_rate_is_the_frames_over_the_teacher_window():

@@ -188,25 +188,31 @@ def targeted(decoded, tiny_teacher):
 
 
 def write(batch, root, **kw):
-    return [json.loads(p) for p in write_shard_batch(batch, root=str(root), storage_options={}, key="k", run_id="r",
-                                                       storage=dataclasses.asdict(STORAGE), backoff_s=0.01,
-                                                       **kw)["payload"]]
+    from pipeline.results import RESULT_SCHEMA, WriterResult
+
+    table = write_shard_batch(batch, root=str(root), storage_options={}, key="k", run_id="r",
+                              storage=dataclasses.asdict(STORAGE), backoff_s=0.01, **kw)
+    assert table.schema == RESULT_SCHEMA  # typed columns, the same schema for a batch of only failures
+    return [WriterResult.from_row(r) for r in table.to_pylist()]
 
 
-def test_writer_writes_one_shard_and_keeps_the_payload_format(targeted, tmp_path):
+def test_writer_writes_one_shard_as_a_typed_result(targeted, tmp_path):
     from feature_store.shards import parse_sample
 
-    payloads = write(targeted, tmp_path)
-    shard = next(p for p in payloads if "shard" in p)
-    assert shard["shard"]["count"] == 7 and len(shard["rows"]) == 7
-    assert {"decode_s", "teacher_s", "write_s"} <= set(shard["timing"]) and shard["fidelity"]["n"] == 7 * SEG
-    assert [p["failure"]["error"] for p in payloads if "failure" in p] == ["not_a_video"]
+    results = write(targeted, tmp_path)
+    shard = next(r for r in results if r.shard)
+    assert shard.shard.count == 7 and len(shard.index_rows) == 7
+    assert shard.timing["write_s"] > 0 and shard.fidelity.n == 7 * SEG and shard.stats.n == 7 * SEG
+    assert shard.teacher_window and shard.teacher_window[0] <= shard.teacher_window[1]
+    rows = shard.store_rows()
+    assert all(r["shard"] == shard.shard.name and isinstance(r["labels"], dict) for r in rows)
+    assert [r.failure.error for r in results if r.failure] == ["not_a_video"]
     import tarfile
 
-    with tarfile.open(tmp_path / "k" / shard["shard"]["name"]) as tar:
+    with tarfile.open(tmp_path / "k" / shard.shard.name) as tar:
         names = tar.getnames()
-        raw = {n.split(".", 1)[1]: tar.extractfile(n).read() for n in names if n.startswith(shard["rows"][0]["sample_key"])}
-    sample = parse_sample({"__key__": shard["rows"][0]["sample_key"], **raw}, STORAGE.frame_encoding)
+        raw = {n.split(".", 1)[1]: tar.extractfile(n).read() for n in names if n.startswith(rows[0]["sample_key"])}
+    sample = parse_sample({"__key__": rows[0]["sample_key"], **raw}, STORAGE.frame_encoding)
     assert sample["meta"]["segments_total"] == 5 and sample["targets"].shape == (SEG, 16)
     assert "decode_s" not in sample["meta"] and "fid_sum" not in sample["meta"]  # timing is not sample metadata
 
@@ -224,18 +230,18 @@ def test_writer_retries_storage_errors_then_fails_the_videos_not_the_job(targete
         return real(self, *a, **kw)
 
     monkeypatch.setattr(FeatureStore, "write_shard", flaky)
-    payloads = write(targeted, tmp_path)
-    assert len(calls) == 3 and sum("shard" in p for p in payloads) == 1
+    results = write(targeted, tmp_path)
+    assert len(calls) == 3 and sum(r.shard is not None for r in results) == 1
 
     def down(self, *a, **kw):
         raise ConnectionError("storage down (simulated)")
 
     monkeypatch.setattr(FeatureStore, "write_shard", down)
-    payloads = write(targeted, tmp_path)
-    fails = sorted((p["failure"]["video_sha256"][:1], p["failure"]["error"], p["failure"]["stage"]) for p in payloads)
+    results = write(targeted, tmp_path)
+    fails = sorted((r.failure.video_sha256[:1], r.failure.error, r.failure.stage) for r in results)
     assert fails == [("a", "write_error", "write"), ("b", "write_error", "write"), ("s", "write_error", "write"),
                      ("t", "not_a_video", "decode")]
-    assert all(p["failure"]["retryable"] for p in payloads)
+    assert all(r.failure.retryable for r in results)
 
 
 def test_rows_round_trip_through_columns():
