@@ -77,7 +77,7 @@ def identify_videos(refs: list[VideoRef], snapshot: Snapshot | None, storage_opt
     """
     inputs: list[VideoInput] = []
     for r in refs:
-        st = stat_video(r.source, storage_options)
+        st = r.stat or stat_video(r.source, storage_options)  # a folder or glob listing already has it
         inputs.append(VideoInput(r.source, r.video_id, dict(r.labels), size=st.size, mtime=st.mtime, error=st.error))
     stats = [(v.source, v.size, v.mtime) for v in inputs]
     known = known_hashes(stats, index_for_listing(snapshot, stats))

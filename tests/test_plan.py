@@ -121,3 +121,22 @@ def test_steady_rate_is_the_frames_over_the_teacher_window():
 
     assert steady_rate(400, [(10.0, 12.0), (11.0, 14.0)]) == 400 / 4.0
     assert steady_rate(400, []) is None
+
+
+def test_a_folder_or_glob_listing_brings_size_and_mtime_so_no_video_is_stat_on_its_own(tmp_path, monkeypatch):
+    import pipeline.extract as extract
+    from pipeline.sources import list_videos, stat_video
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.mp4").write_bytes(b"12345")
+    (tmp_path / "y.avi").write_bytes(b"1")
+    for src in (str(tmp_path), str(tmp_path / "*.avi")):
+        refs = list_videos(src)
+        assert refs and all(r.stat == stat_video(r.source) for r in refs)
+
+    def no_stat(*a, **kw):
+        raise AssertionError("a serial stat per video")
+
+    monkeypatch.setattr(extract, "stat_video", no_stat)
+    inputs = extract.identify_videos(list_videos(str(tmp_path)), None, {}, lambda: None)
+    assert [(v.video_id, v.size) for v in inputs] == [("a/x", 5), ("y", 1)] and all(v.sha256 for v in inputs)
