@@ -388,6 +388,24 @@ def _quiet_ray_data():
     return ctx
 
 
+# Videos per block of the work list at most: a lost node loses at most its blocks' videos to a retry.
+VIDEOS_PER_BLOCK = 200
+
+
+def work_blocks(n_videos: int, n_decode: int) -> int:
+    """Enough blocks to feed every decoder several times, and none over VIDEOS_PER_BLOCK videos."""
+    return max(1, min(n_videos, max(4 * n_decode, math.ceil(n_videos / VIDEOS_PER_BLOCK))))
+
+
+def work_rows(plan: Plan, seed: str) -> list[dict[str, Any]]:
+    """The work list in a shuffled order (seeded by the run), so shards do not cluster by folder."""
+    import random
+
+    rows = [w.to_row() for w in plan.compute]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
 def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, key: str, run_id: str, plan: Plan):
     import ray
     from ray.data import ActorPoolStrategy
@@ -401,8 +419,7 @@ def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, ke
                                 decode_concurrency=cfg.decode_concurrency)
     use_gpu = actors.teacher_gpus > 0
     n_decode = actors.decode_actors
-    items = [w.to_row() for w in plan.compute]
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * n_decode))
+    ds = ray.data.from_items(work_rows(plan, run_id), override_num_blocks=work_blocks(len(plan.compute), n_decode))
     ds = ds.map_batches(
         DecodeStage, batch_size=1,
         compute=ActorPoolStrategy(min_size=1, max_size=n_decode, max_tasks_in_flight_per_actor=cfg.max_in_flight),

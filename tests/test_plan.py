@@ -140,3 +140,16 @@ def test_a_folder_or_glob_listing_brings_size_and_mtime_so_no_video_is_stat_on_i
     monkeypatch.setattr(extract, "stat_video", no_stat)
     inputs = extract.identify_videos(list_videos(str(tmp_path)), None, {}, lambda: None)
     assert [(v.video_id, v.size) for v in inputs] == [("a/x", 5), ("y", 1)] and all(v.sha256 for v in inputs)
+
+
+def test_the_work_list_is_cut_in_blocks_of_at_most_a_few_hundred_videos_and_shuffled():
+    from pipeline.extract import VIDEOS_PER_BLOCK, work_blocks, work_rows
+    from pipeline.plan import Plan, WorkItem
+
+    assert work_blocks(3, 2) == 3 and work_blocks(100, 2) == 8
+    assert 100_000 / work_blocks(100_000, 2) <= VIDEOS_PER_BLOCK
+    plan = Plan(compute=[WorkItem(f"/d/{i // 50}/{i}.mp4", str(i), {}, str(i), 1, 1.0) for i in range(500)])
+    rows = work_rows(plan, "run-1")
+    assert sorted(r["source"] for r in rows) == sorted(w.source for w in plan.compute)
+    assert [r["source"] for r in rows] != [w.source for w in plan.compute]  # not in folder order
+    assert rows == work_rows(plan, "run-1")
