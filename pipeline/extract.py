@@ -283,14 +283,32 @@ class _OnceConnect:
 
 def plan_run(cfg: ExtractConfig, store: FeatureStore, connect: Callable[[], None]) -> Planned:
     """List the videos, identify them and split them against the KEY's index and failure ledger."""
+    say = _stage_line(cfg.progress)
     spec = resolve_feature_spec(cfg)
+    say(f"listing {cfg.videos}")
     refs = list_videos(cfg.videos, cfg.storage_options)
+    say(f"listed {len(refs)} videos; identifying them against KEY {spec.key}")
     snapshot = store.open(spec.key) if spec.key in store.keys() else None
     failures = snapshot.failures if snapshot else FAILURES_SCHEMA.empty_table()
     inputs = identify_videos(refs, snapshot, cfg.storage_options, connect)
+    say("planning")
     plan = make_plan(inputs, index_for_inputs(snapshot, inputs), failures, max_attempts=cfg.max_attempts,
                      segment_frames=cfg.sampling.segment_frames, retry_failed=cfg.retry_failed)
+    summary = plan.summary()
+    say(f"planned: {summary['to_compute']} to compute, {len(plan.reused)} reused, "
+        f"{len(plan.quarantined)} quarantined, {len(plan.unreadable)} unreadable")
     return Planned(spec, len(refs), plan)
+
+
+def _stage_line(enabled: bool) -> Callable[[str], None]:
+    """Progress before the per-video bar: one timestamped line per step on stderr (quiet when disabled)."""
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        if enabled:
+            print(f"extract [{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def dry_run_report(plan: Plan) -> dict[str, Any]:
