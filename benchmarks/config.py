@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-BENCHMARKS = ("cached_vs_online", "extraction", "loader", "reuse", "storage", "scaling", "store_scale")
+BENCHMARKS = ("cached_vs_online", "extraction", "loader", "reuse", "storage", "scaling", "store_scale",
+              "decode_memory")
 # What the GPU preset can run on a machine without Ray, decord or webdataset.
 RAY_FREE_BENCHMARKS = ("cached_vs_online", "extraction", "storage")
 
@@ -74,6 +75,10 @@ class BenchConfig:
     repeats: int = 3  # cached, teacher-alone and online measurements are interleaved this many times
     frames_alone: int = 512  # frames for the per-stage (decode / teacher alone) measurements
     loader_epochs: int = 2
+    # decode memory: a long and a 1-minute generated video (small frames, so generating them is quick)
+    decode_long_s: float = 1200.0
+    decode_short_s: float = 60.0
+    decode_video_fps: float = 10.0
     rss_interval_s: float = 0.1
     # store_scale: KEY sizes (samples), the committed batch, commits timed per size, backends, planned videos
     store_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)

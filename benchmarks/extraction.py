@@ -15,7 +15,8 @@ same decode-teacher-write and (b) the bound set by the slowest stage measured al
   resize/crop and the JPEG encoding the decode stage does) and the teacher on pre-decoded frames. The bound is
   the slower of decode rate x decode actors and teacher rate x teacher actors.
 
-Target on a CPU: the pipeline at least matches the plain loop; where the pipeline runs on a GPU, at least
+Target on a CPU: the pipeline end to end (Ray's start-up included) at least matches the plain loop end to end
+(its model load included); the steady-state ratio is reported beside it. Where the pipeline runs on a GPU, at least
 0.85 of the bound. The Ray-free (GPU) preset measures the teacher stage alone and reports no ratio.
 """
 
@@ -187,11 +188,15 @@ def run(session: BenchSession, *, ray_free: bool = False) -> BenchResult:
               "bound_stage": bound_stage}
 
     of_plain, of_bound = ratio(steady, plain["frames_per_s"]), ratio(steady, bound)
+    # end to end: the pipeline's frames over its wall time plus Ray's start, against the plain loop's frames
+    # over its work plus its own start-up (model load); on a CPU the target applies to this figure
+    of_plain_e2e = ratio(frames / (wall + ray_start), plain["e2e_frames_per_s"])
     on_gpu = session.device.type == "cuda"
-    value, target = (of_bound, GPU_TARGET) if on_gpu else (of_plain, CPU_TARGET)
+    value, target = (of_bound, GPU_TARGET) if on_gpu else (of_plain_e2e, CPU_TARGET)
     figures = {"device": str(session.device), "teacher": cfg.extract_teacher, "pipeline": pipeline,
                "plain_loop": plain, "plain_loop_by_threads": {str(n): r["frames_per_s"] for n, r in loops.items()},
-               "stages_alone": stages, "of_plain": sig(of_plain), "of_bound": sig(of_bound)}
+               "stages_alone": stages, "of_plain_e2e": sig(of_plain_e2e), "of_plain_steady": sig(of_plain),
+               "of_bound": sig(of_bound)}
     summary = (f"pipeline {steady or 0:.0f} frames/s steady ({frames / (wall + ray_start):.0f} end to end) vs "
                f"plain loop {plain['frames_per_s']:.0f}, bound {bound:.0f}")
     notes = []

@@ -106,15 +106,21 @@ class Teacher:
 
     def embed(self, frames: np.ndarray | torch.Tensor) -> TeacherOutput:
         """uint8 [N, crop, crop, 3] frames (already resize_crop'd) -> embeddings (and patch grid) on CPU."""
-        x = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
-        crop = self.preprocess.crop
-        if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != (crop, crop, 3):
-            raise ValueError(f"expected uint8 [N, {crop}, {crop}, 3], got {x.dtype} {tuple(x.shape)}")
+        x = self._check_frames(frames)
         if x.shape[0] == 0:
             g = self.spec.patch_grid
             grid = torch.zeros((0, g, g, self.patch_dim or 0)) if g > 0 else None
             return TeacherOutput(torch.zeros((0, self.embed_dim)), grid)
-        x = x.to(self.device, non_blocking=True)
+        return self._embed_on_device(x.to(self.device, non_blocking=True))
+
+    def _check_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+        crop = self.preprocess.crop
+        if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != (crop, crop, 3):
+            raise ValueError(f"expected uint8 [N, {crop}, {crop}, 3], got {x.dtype} {tuple(x.shape)}")
+        return x
+
+    def _embed_on_device(self, x: torch.Tensor) -> TeacherOutput:
         with torch.inference_mode(), self._autocast():
             embeds, hidden = self._forward(normalize(x, self.preprocess))
             grid = self._pool_patches(hidden) if self.spec.patch_grid > 0 else None
@@ -124,14 +130,41 @@ class Teacher:
         return TeacherOutput(embeds.clone(), grid.clone() if grid is not None else None)
 
     def embed_batched(self, frames: np.ndarray | torch.Tensor, batch_size: int) -> TeacherOutput:
+        """`embed` in batches of `batch_size` frames. On CUDA the next batch is copied to the device (from
+        pinned memory, on a side stream) while the current one computes; elsewhere batches run in turn."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        outs = [self.embed(frames[i:i + batch_size]) for i in range(0, len(frames), batch_size)]
+        if self.device.type == "cuda" and len(frames) > 0:
+            outs = list(self._overlapped(self._check_frames(frames), batch_size))
+        else:
+            outs = [self.embed(frames[i:i + batch_size]) for i in range(0, len(frames), batch_size)]
         if not outs:
             return self.embed(frames)
         grids = [o.patch_grid for o in outs]
         return TeacherOutput(torch.cat([o.embeds for o in outs]),
                              torch.cat(grids) if grids[0] is not None else None)
+
+    def _overlapped(self, x: torch.Tensor, batch_size: int) -> Iterable[TeacherOutput]:
+        copy_stream = torch.cuda.Stream(device=self.device)
+        compute = torch.cuda.current_stream(self.device)
+
+        def upload(i: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+            host = x[i:i + batch_size].pin_memory()  # pinned: the copy can run asynchronously
+            with torch.cuda.stream(copy_stream):
+                dev = host.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(copy_stream)
+            return dev, done
+
+        starts = range(0, len(x), batch_size)
+        nxt = upload(0)
+        for i in starts:
+            dev, done = nxt
+            if i + batch_size < len(x):
+                nxt = upload(i + batch_size)  # queued on the copy stream, runs under this batch's compute
+            compute.wait_event(done)
+            dev.record_stream(compute)  # the allocator must not reuse it before the compute stream is done
+            yield self._embed_on_device(dev)
 
     # -- internals -------------------------------------------------------------------------------------
 

@@ -1,40 +1,39 @@
-"""Decode the sampled frames of one video: decord first, PyAV as the fallback, in a killable child process.
+"""Decode the sampled frames of one video, streaming: decord first, PyAV as the fallback.
 
-- `decode_video` reads a local path or an fsspec URL (remote files are copied to a local temp file, since
-  decord wants a path), picks frames by presentation time (`pipeline.sampling`), and applies `transform`
-  per chunk right after decoding, so full-resolution frames never pile up.
-- decord returns frames already turned by the container's display matrix; PyAV does not, so its path turns
-  them itself (`frame.rotation` is counter-clockwise degrees, np.rot90's direction).
-- decord reads the sampled indices in increasing order (its pixels can depend on access order); the
-  chunks continue one forward pass, as a single `get_batch` would. PyAV decodes once, front to back,
-  choosing frames as it goes, and keeps the frames of a file cut mid-stream that really decode.
-- `DecoderProcess` runs decode_video in a persistent "spawn" child (never fork: Ray workers have threads).
-  A decode that outlives its timeout, or a child that crashes (decoders are C code), costs only that video:
-  the child is killed with SIGKILL and restarted on the next request. Frames come back as an .npy file
-  (allow_pickle=False); only a small JSON-able dict crosses the pipe.
+- `iter_decode` reads a local path or an fsspec URL and yields, in presentation order: a `StreamPlan` (how
+  many frames the sampling selects) when the decoder knows it before decoding (decord), `FrameChunk`s of at
+  most CHUNK_FRAMES frames with `transform` already applied, and a final `StreamEnd`. Nothing holds more
+  than one chunk of frames, so memory does not grow with the video's length. `decode_video` collects the
+  stream into one `DecodedVideo` (for short videos, tests and the plain benchmark loop).
+- `DecodeLimits` caps duration, frame count, file size, frame size and aspect ratio before anything is
+  decoded (and again while PyAV decodes, where headers may lie); each cap is lifted by setting it to 0.
+- A remote file is copied into `tmp_dir` after its size passed the file-size cap and the folder has room
+  for it (decord wants a path); the copy is removed when the stream ends.
+- Frames are picked by presentation time (`pipeline.sampling`). decord returns frames already turned by the
+  container's display matrix; PyAV does not, so its path turns them itself (`frame.rotation` is
+  counter-clockwise degrees, np.rot90's direction). decord reads the sampled indices in increasing order
+  (its pixels can depend on access order). If decord fails part-way, PyAV decodes the file from the start
+  and continues after the last frame already yielded.
 
-Failures raise `DecodeError` with a machine-readable `.reason` (see REASONS).
+Failures raise `DecodeError` with a short machine-readable `.reason` (see REASONS and TRANSIENT).
+`pipeline.decoder_process.DecoderProcess` runs `iter_decode` in a killable child process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-import multiprocessing
 import os
 import shutil
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
-from feature_store.spec import PreprocessSpec, SamplingSpec
-from pipeline.sampling import FrameSelector, select_frames
+from feature_store.spec import SamplingSpec
+from pipeline.sampling import TIE_EPS, FrameSelector, select_frames
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +44,21 @@ REASONS = {
     "corrupt": "a known video container that cannot be opened (e.g. a truncated header)",
     "no_video_stream": "the container has no video stream (audio only, subtitles, ...)",
     "no_frames": "a video stream without a single decodable frame",
-    "too_large": "frames larger than max_pixels",
+    "too_long": "longer than DecodeLimits.max_duration_s or with more frames than max_frames",
+    "too_large": "a file larger than DecodeLimits.max_file_bytes, or frames larger than max_pixels",
+    "bad_aspect": "frames wider or taller than DecodeLimits.max_aspect",
     "timeout": "decoding took longer than the timeout (the decoder process was killed)",
     "crashed": "the decoder process died",
+    "io": "the file could not be read or copied (network, disk full)",
     "decoder_error": "any other decoder failure",
 }
+# Reasons that may go away on a retry; the others are properties of the file.
+TRANSIENT = frozenset({"timeout", "crashed", "io", "oom"})
 
-DEFAULT_MAX_PIXELS = 7680 * 4320  # 8K UHD; larger frames are rejected rather than decoded
-CHUNK_FRAMES = 16  # frames decoded before `transform` runs on them
+DEFAULT_MAX_PIXELS = 7680 * 4320  # 8K UHD
+CHUNK_FRAMES = 16  # frames decoded before `transform` runs on them, and yielded together
 CHUNK_BYTES = 256 * 2**20  # ... fewer when 16 full-resolution RGB frames would exceed this
-STARTUP_TIMEOUT_S = 120.0  # for the decoder child to import its libraries
-TEST_DECODERS_ENV = "SUBSUME_TEST_DECODERS"  # "1" enables decoder="sleep:<s>" / "crash" (tests only)
+TMP_HEADROOM_BYTES = 256 * 2**20  # free space left in tmp_dir after copying a remote file
 
 # First bytes of containers we know: a file that starts like one but does not open is "corrupt".
 _SIGNATURES = ((4, b"ftyp"), (4, b"moov"), (4, b"mdat"), (4, b"free"), (0, b"RIFF"), (0, b"\x1a\x45\xdf\xa3"),
@@ -76,17 +79,76 @@ class DecodeTimeout(DecodeError):
         super().__init__("timeout", message)
 
 
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a video may be before it is refused; 0 lifts a cap. Defaults: 3 hours, 648,000 frames (3 hours
+    at 60 fps), 16 GiB, 8K UHD frames, sides at most 4:1."""
+
+    max_duration_s: float = 3 * 3600.0
+    max_frames: int = 648_000
+    max_file_bytes: int = 16 * 2**30
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_aspect: float = 4.0
+
+    def check_file(self, size: int, name: str) -> None:
+        if self.max_file_bytes and size > self.max_file_bytes:
+            raise DecodeError("too_large", f"{name}: {size} bytes exceed max_file_bytes={self.max_file_bytes}")
+
+    def check_frames(self, frames: int, seconds: float, name: str) -> None:
+        if self.max_frames and frames > self.max_frames:
+            raise DecodeError("too_long", f"{name}: more than max_frames={self.max_frames} frames ({frames})")
+        if self.max_duration_s and seconds > self.max_duration_s:
+            raise DecodeError("too_long", f"{name}: {seconds:.1f} s exceed max_duration_s={self.max_duration_s:g}")
+
+    def check_size(self, width: int, height: int, name: str) -> None:
+        if self.max_pixels and width * height > self.max_pixels:
+            raise DecodeError("too_large", f"{name}: {width}x{height} frames exceed max_pixels={self.max_pixels}")
+        if self.max_aspect and max(width, height) > self.max_aspect * max(1, min(width, height)):
+            raise DecodeError("bad_aspect", f"{name}: {width}x{height} frames exceed max_aspect={self.max_aspect:g}")
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What is known before any frame is decoded (decord): how many frames the sampling selects, and the
+    stream's facts as StreamEnd will report them (unless decord fails part-way; see StreamEnd.decoder)."""
+
+    sampled_total: int
+    decoder: str
+    fps: float
+    num_frames: int
+    rotation: int
+
+
+@dataclass
+class FrameChunk:
+    """Consecutive sampled frames: uint8 [n, H, W, 3] RGB, upright, `transform` applied; their positions among
+    the decoded frames of the file (int64 [n]) and presentation times from the stream's start (float64 [n])."""
+
+    frames: np.ndarray
+    indices: np.ndarray
+    timestamps: np.ndarray
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """decoder: "decord", "pyav", or "decord+pyav" (decord failed part-way). fps: the stream's average rate.
+    num_frames: frames in the file (decord: its count; PyAV: frames decoded, or the container's count when it
+    stopped early at max_frames, -1 if unknown). rotation: the display matrix's counter-clockwise degrees
+    (already applied). sampled: frames yielded in all."""
+
+    decoder: str
+    fps: float
+    num_frames: int
+    rotation: int
+    sampled: int
+
+
+DecodeEvent = Union[StreamPlan, FrameChunk, StreamEnd]
+
+
 @dataclass
 class DecodedVideo:
-    """The sampled frames of one video, in presentation order.
-
-    frames: uint8 [N, H, W, 3] RGB, upright, `transform` applied. indices: int64 [N] positions among the
-    decoded frames of the file (PyAV skips a frame that does not decode and does not count it).
-    timestamps: float64 [N] presentation times in seconds from the stream's start. fps: the stream's
-    average rate. num_frames: frames in the file (decord: its frame count; PyAV: frames decoded, or the
-    container's count when it stopped early at max_frames, -1 if that is unknown). rotation: the display
-    matrix's counter-clockwise degrees as found in the file (already applied to `frames`).
-    """
+    """The sampled frames of one video, in presentation order (a collected stream; see FrameChunk/StreamEnd)."""
 
     frames: np.ndarray
     indices: np.ndarray
@@ -100,49 +162,61 @@ class DecodedVideo:
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
-def decode_video(
+def iter_decode(
     source: str,
     sampling: SamplingSpec,
     *,
     transform: Transform | None = None,
     decoder: str = "auto",
     storage_options: dict[str, Any] | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    limits: DecodeLimits = DecodeLimits(),
     threads: int = 0,
     tmp_dir: str | None = None,
-) -> DecodedVideo:
-    """Decode the frames `sampling` selects from `source` (local path or fsspec URL).
+) -> Iterator[DecodeEvent]:
+    """Stream the frames `sampling` selects from `source` (local path or fsspec URL).
 
     decoder: "auto" (decord if importable, PyAV if decord is missing or fails on the file), "decord" or
         "pyav". threads: decoder threads (0: the library's choice). tmp_dir: where remote files are copied.
     """
-    decoder = _check_decoder(decoder)
-    with _local_copy(source, storage_options, tmp_dir) as path:
-        if decoder.startswith("sleep:"):
-            time.sleep(float(decoder.split(":", 1)[1]))
-            decoder = "auto"
-        elif decoder == "crash":
-            os._exit(70)
-        probe = _probe(path, max_pixels)
+    if decoder not in ("auto", "decord", "pyav"):
+        raise ValueError(f"unknown decoder {decoder!r}: use 'auto', 'decord' or 'pyav'")
+    with _local_copy(source, storage_options, tmp_dir, limits) as path:
+        probe = _probe(path, limits)
         chunk = max(1, min(CHUNK_FRAMES, CHUNK_BYTES // max(1, probe.width * probe.height * 3)))
+        after: _Resume | None = None
         if decoder in ("auto", "decord"):
+            after = _Resume()
             try:
-                return _decode_decord(path, sampling, transform, chunk, threads, probe.rotation)
+                yield from _decode_decord(path, sampling, transform, chunk, threads, probe.rotation, limits, after)
+                return
             except _DecordUnusable as e:
                 if decoder == "decord":
                     raise DecodeError(e.reason, e.message) from e.__cause__
-                log.info("decord failed on %s (%s); falling back to PyAV", source, e.message)
-        return _decode_pyav(path, sampling, transform, chunk, threads)
+                log.info("decord failed on %s (%s); continuing with PyAV", source, e.message)
+        yield from _decode_pyav(path, sampling, transform, chunk, threads, limits, after)
 
 
-def _check_decoder(decoder: str) -> str:
-    if decoder in ("auto", "decord", "pyav"):
-        return decoder
-    if decoder == "crash" or decoder.startswith("sleep:"):
-        if os.environ.get(TEST_DECODERS_ENV) != "1":
-            raise ValueError(f"decoder {decoder!r} is a test stand-in; set {TEST_DECODERS_ENV}=1 to use it")
-        return decoder
-    raise ValueError(f"unknown decoder {decoder!r}: use 'auto', 'decord' or 'pyav'")
+def decode_video(source: str, sampling: SamplingSpec, *, transform: Transform | None = None, **kwargs: Any
+                 ) -> DecodedVideo:
+    """`iter_decode` collected into one DecodedVideo (all sampled frames in memory)."""
+    return collect(iter_decode(source, sampling, transform=transform, **kwargs))
+
+
+def collect(events: Iterator[DecodeEvent]) -> DecodedVideo:
+    chunks: list[FrameChunk] = []
+    end: StreamEnd | None = None
+    for ev in events:
+        if isinstance(ev, FrameChunk):
+            chunks.append(ev)
+        elif isinstance(ev, StreamEnd):
+            end = ev
+    if end is None:
+        raise DecodeError("decoder_error", "the decode stream ended without its summary")
+    frames = np.concatenate([c.frames for c in chunks]) if chunks else np.zeros((0, 0, 0, 3), np.uint8)
+    indices = np.concatenate([c.indices for c in chunks]) if chunks else np.zeros(0, np.int64)
+    times = np.concatenate([c.timestamps for c in chunks]) if chunks else np.zeros(0, np.float64)
+    return DecodedVideo(frames=frames, indices=indices.astype(np.int64), timestamps=times.astype(np.float64),
+                        decoder=end.decoder, fps=end.fps, num_frames=end.num_frames, rotation=end.rotation)
 
 
 # --- local copies and probing ---------------------------------------------------------------------------
@@ -152,27 +226,49 @@ def _is_remote(source: str) -> bool:
 
 
 @contextlib.contextmanager
-def _local_copy(source: str, storage_options: dict[str, Any] | None, tmp_dir: str | None) -> Iterator[str]:
+def _local_copy(source: str, storage_options: dict[str, Any] | None, tmp_dir: str | None,
+                limits: DecodeLimits) -> Iterator[str]:
     if not _is_remote(source):
         path = source.removeprefix("file://")
         _check_local_file(path)
+        limits.check_file(os.path.getsize(path), path)
         yield path
         return
     import fsspec
 
     fs, remote = fsspec.core.url_to_fs(source, **(storage_options or {}))
-    fd, tmp = tempfile.mkstemp(prefix="subsume-video-", suffix=os.path.splitext(remote)[1], dir=tmp_dir)
+    size = _remote_size(fs, remote, source)
+    limits.check_file(size, source)
+    folder = tmp_dir or tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if size + TMP_HEADROOM_BYTES > free:
+        raise DecodeError("io", f"{source}: {size} bytes do not fit in {folder} ({free} bytes free)")
+    fd, tmp = tempfile.mkstemp(prefix="subsume-video-", suffix=os.path.splitext(remote)[1], dir=folder)
     os.close(fd)
     try:
         try:
             fs.get_file(remote, tmp)
         except FileNotFoundError as e:
             raise DecodeError("missing", f"{source} does not exist") from e
+        except OSError as e:
+            raise DecodeError("io", f"{source}: copy failed: {e}") from e
         _check_local_file(tmp, shown_as=source)
         yield tmp
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _remote_size(fs: Any, remote: str, source: str) -> int:
+    try:
+        info = fs.info(remote)
+    except FileNotFoundError as e:
+        raise DecodeError("missing", f"{source} does not exist") from e
+    except OSError as e:
+        raise DecodeError("io", f"{source}: {e}") from e
+    if info.get("type") == "directory":
+        raise DecodeError("not_a_video", f"{source} is not a regular file")
+    return int(info.get("size") or 0)
 
 
 def _check_local_file(path: str, shown_as: str | None = None) -> None:
@@ -210,8 +306,8 @@ def _open_container(path: str) -> Any:
         raise DecodeError("decoder_error", f"{path}: {e}") from e
 
 
-def _probe(path: str, max_pixels: int) -> _Probe:
-    """Size and display rotation from PyAV (decord exposes neither without decoding and seeking)."""
+def _probe(path: str, limits: DecodeLimits) -> _Probe:
+    """Size, duration, frame count and display rotation from the container (PyAV), checked against limits."""
     import av
 
     with _open_container(path) as container:
@@ -220,8 +316,9 @@ def _probe(path: str, max_pixels: int) -> _Probe:
             raise DecodeError("no_video_stream", f"{path} has no video stream (streams: {kinds or 'none'})")
         stream = container.streams.video[0]
         width, height = stream.codec_context.width, stream.codec_context.height
-        if width * height > max_pixels:
-            raise DecodeError("too_large", f"{path}: {width}x{height} frames exceed max_pixels={max_pixels}")
+        limits.check_size(width, height, path)
+        seconds = container.duration / av.time_base if container.duration else 0.0
+        limits.check_frames(int(stream.frames or 0), seconds, path)
         rotation = 0
         # The rotation lives in the stream's display matrix, which PyAV exposes on decoded frames only.
         with contextlib.suppress(av.error.FFmpegError, StopIteration):
@@ -240,10 +337,6 @@ def _apply(transform: Transform | None, frames: np.ndarray) -> np.ndarray:
     return out
 
 
-def _stack(chunks: list[np.ndarray]) -> np.ndarray:
-    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-
-
 # --- decord ---------------------------------------------------------------------------------------------
 
 class _DecordUnusable(Exception):
@@ -255,8 +348,15 @@ class _DecordUnusable(Exception):
         self.message = message
 
 
-def _decode_decord(path: str, sampling: SamplingSpec, transform: Transform | None, chunk: int, threads: int,
-                   rotation: int) -> DecodedVideo:
+@dataclass
+class _Resume:
+    """What decord already yielded, so that PyAV can carry on after it."""
+
+    sampled: int = 0
+    last_t: float | None = None
+
+
+def _open_decord(path: str, threads: int, limits: DecodeLimits) -> tuple[Any, np.ndarray, float]:
     try:
         import decord
     except ImportError as e:
@@ -266,26 +366,41 @@ def _decode_decord(path: str, sampling: SamplingSpec, transform: Transform | Non
         n = len(reader)
         if n == 0:
             raise _DecordUnusable("no_frames", f"{path}: decord found no frames")
+        limits.check_frames(n, 0.0, path)
         # Column 0 is each frame's start time: its presentation timestamp, from the stream's start.
         timestamps = np.asarray(reader.get_frame_timestamp(np.arange(n)), dtype=np.float64)[:, 0]
         fps = float(reader.get_avg_fps())
-    except _DecordUnusable:
+    except (_DecordUnusable, DecodeError):
         raise
     except Exception as e:  # decord raises RuntimeError / DECORDError subclasses, with C++ text
         raise _DecordUnusable("decoder_error", f"decord could not open {path}: {_first_line(e)}") from e
     if not _usable_timestamps(timestamps):
         # Seen on H.264 in AVI: every frame reported at AV_NOPTS_VALUE. PyAV derives real times there.
         raise _DecordUnusable("decoder_error", f"decord reports no usable timestamps for {path}")
-    indices = np.sort(select_frames(timestamps, sampling))
-    chunks: list[np.ndarray] = []
+    limits.check_frames(n, float(timestamps[-1] - timestamps[0]), path)
+    return reader, timestamps, fps
+
+
+def _decode_decord(path: str, sampling: SamplingSpec, transform: Transform | None, chunk: int, threads: int,
+                   rotation: int, limits: DecodeLimits, done: _Resume) -> Iterator[DecodeEvent]:
+    reader, timestamps, fps = _open_decord(path, threads, limits)
+    indices = np.sort(select_frames(timestamps, sampling)).astype(np.int64)
+    try:
+        # A count announced is a promise (segments leave before the video ends): a file cut short, whose
+        # container still counts the lost frames, fails here, before anything is yielded.
+        reader.get_batch([int(indices[-1])])
+    except Exception as e:
+        raise _DecordUnusable("decoder_error", f"decord cannot read the last frame of {path}: {_first_line(e)}") from e
+    yield StreamPlan(len(indices), "decord", fps, len(reader), rotation)
     for start in range(0, len(indices), chunk):
+        part = indices[start:start + chunk]
         try:
-            batch = reader.get_batch(indices[start:start + chunk].tolist()).asnumpy()
+            batch = reader.get_batch(part.tolist()).asnumpy()
         except Exception as e:
             raise _DecordUnusable("decoder_error", f"decord failed reading {path}: {_first_line(e)}") from e
-        chunks.append(_apply(transform, batch))
-    return DecodedVideo(frames=_stack(chunks), indices=indices.astype(np.int64), timestamps=timestamps[indices],
-                        decoder="decord", fps=fps, num_frames=n, rotation=rotation)
+        yield FrameChunk(_apply(transform, batch), part, timestamps[part])
+        done.sampled, done.last_t = done.sampled + len(part), float(timestamps[part[-1]])
+    yield StreamEnd("decord", fps, len(reader), rotation, len(indices))
 
 
 def _usable_timestamps(ts: np.ndarray) -> bool:
@@ -308,10 +423,34 @@ def _upright_rgb(frame: Any) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, k=quarter_turns)) if quarter_turns else rgb
 
 
-def _decode_pyav(path: str, sampling: SamplingSpec, transform: Transform | None, chunk: int,
-                 threads: int) -> DecodedVideo:
-    import av
+class _PyavBatch:
+    """Chosen frames waiting for the transform, flushed every `chunk` frames as one FrameChunk."""
 
+    def __init__(self, transform: Transform | None, chunk: int, after: _Resume | None) -> None:
+        self.transform, self.chunk = transform, chunk
+        self.skip_until = after.last_t if after is not None and after.sampled else None
+        self.frames: list[np.ndarray] = []
+        self.indices: list[int] = []
+        self.times: list[float] = []
+        self.sampled = after.sampled if after is not None else 0
+
+    def add(self, frame: Any, index: int, t: float) -> None:
+        if self.skip_until is not None and t <= self.skip_until + TIE_EPS:
+            return  # decord yielded this one already
+        self.frames.append(_upright_rgb(frame))
+        self.indices.append(index)
+        self.times.append(t)
+
+    def flush(self, force: bool = False) -> Iterator[FrameChunk]:
+        if self.frames and (force or len(self.frames) >= self.chunk):
+            yield FrameChunk(_apply(self.transform, np.stack(self.frames)), np.asarray(self.indices, np.int64),
+                             np.asarray(self.times, np.float64))
+            self.sampled += len(self.frames)
+            self.frames, self.indices, self.times = [], [], []
+
+
+def _decode_pyav(path: str, sampling: SamplingSpec, transform: Transform | None, chunk: int, threads: int,
+                 limits: DecodeLimits, after: _Resume | None) -> Iterator[DecodeEvent]:
     with _open_container(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -322,45 +461,38 @@ def _decode_pyav(path: str, sampling: SamplingSpec, transform: Transform | None,
         # Times from the stream's start, as decord reports them.
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         selector = FrameSelector(sampling)
+        batch = _PyavBatch(transform, chunk, after)
         held: dict[int, Any] = {}  # (av.VideoFrame, time) of the current frame and the selector's pending one
-        batch: list[np.ndarray] = []  # upright RGB frames waiting for the transform
-        chunks: list[np.ndarray] = []
-        indices: list[int] = []
-        times: list[float] = []
-        decoded = 0
-        rotation = 0
-        last_t: float | None = None
+        decoded, rotation, last_t = 0, 0, None
         for frame in _tolerant_frames(container, stream):
-            if decoded == 0:
-                rotation = int(frame.rotation)
-            t = frame.time - start if frame.time is not None else None
-            if t is None:  # no timestamp: assume the nominal rate
-                t = (last_t + 1 / fps if last_t is not None else 0.0) if fps else float(decoded)
-            if last_t is not None and t < last_t:
-                t = last_t  # a backwards jump in a damaged stream: never choose the frame over its twin
+            rotation = int(frame.rotation) if decoded == 0 else rotation
+            t = _frame_time(frame, start, last_t, fps, decoded)
+            limits.check_frames(decoded + 1, t, path)
             last_t = t
             held[decoded] = (frame, t)
             for j in selector.push(t):
-                chosen, chosen_t = held[j]
-                batch.append(_upright_rgb(chosen))
-                indices.append(j)
-                times.append(chosen_t)
+                batch.add(held[j][0], j, held[j][1])
             keep = selector.pending
             held = {keep: held[keep]} if keep is not None and keep in held else {}
             decoded += 1
-            if len(batch) >= chunk:
-                chunks.append(_apply(transform, np.stack(batch)))
-                batch = []
+            yield from batch.flush()
             if selector.done:
                 break
-        if batch:
-            chunks.append(_apply(transform, np.stack(batch)))
+        yield from batch.flush(force=True)
         if decoded == 0:
             raise DecodeError("no_frames", f"{path}: PyAV decoded no frames")
         num_frames = decoded if not selector.done else (stream.frames or -1)
-    return DecodedVideo(frames=_stack(chunks), indices=np.asarray(indices, dtype=np.int64),
-                        timestamps=np.asarray(times, dtype=np.float64), decoder="pyav", fps=fps,
-                        num_frames=int(num_frames), rotation=rotation)
+    name = "decord+pyav" if after is not None and after.sampled else "pyav"
+    yield StreamEnd(name, fps, int(num_frames), rotation, batch.sampled)
+
+
+def _frame_time(frame: Any, start: float, last_t: float | None, fps: float, decoded: int) -> float:
+    t = frame.time - start if frame.time is not None else None
+    if t is None:  # no timestamp: assume the nominal rate
+        t = (last_t + 1 / fps if last_t is not None else 0.0) if fps else float(decoded)
+    if last_t is not None and t < last_t:
+        t = last_t  # a backwards jump in a damaged stream: never choose the frame over its twin
+    return t
 
 
 def _tolerant_frames(container: Any, stream: Any) -> Iterator[Any]:
@@ -382,193 +514,3 @@ def _tolerant_frames(container: Any, stream: Any) -> Iterator[Any]:
             log.debug("skipping a damaged packet: %s", e)
             continue
         yield from frames
-
-
-# --- the killable child process -------------------------------------------------------------------------
-
-class DecoderProcess:
-    """decode_video in a persistent child process, with a per-video timeout.
-
-    One request at a time (calls from several threads are serialised). A decode that outlives its timeout
-    raises DecodeTimeout; a child that dies raises DecodeError("crashed"); either way the child is killed
-    and the next request starts a fresh one. `resize_crop` (a PreprocessSpec) is applied in the child with
-    feature_store.preprocess.resize_crop, so only teacher-sized frames cross back.
-    """
-
-    def __init__(self, timeout_s: float = 300.0, *, decoder: str = "auto", threads: int = 0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, tmp_dir: str | None = None,
-                 start_method: str = "spawn") -> None:
-        if start_method == "fork":
-            raise ValueError("fork is unsafe in threaded processes such as Ray workers; use spawn or forkserver")
-        self.timeout_s = timeout_s
-        self.decoder = decoder
-        self.threads = threads
-        self.max_pixels = max_pixels
-        self._ctx = multiprocessing.get_context(start_method)
-        self._workdir = tempfile.mkdtemp(prefix="subsume-decoder-", dir=tmp_dir)
-        self._process: Any = None
-        self._conn: Any = None
-        self._requests = 0
-        self._lock = threading.Lock()
-        self.restarts = 0  # children killed after a timeout or crash
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None and self._process.is_alive() else None
-
-    def decode(self, source: str, sampling: SamplingSpec, *, resize_crop: PreprocessSpec | None = None,
-               timeout_s: float | None = None, storage_options: dict[str, Any] | None = None,
-               decoder: str | None = None) -> DecodedVideo:
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        with self._lock:
-            if self._workdir is None:
-                raise RuntimeError("DecoderProcess is closed")
-            self._ensure_started()
-            self._requests += 1
-            request = {
-                "id": self._requests,
-                "source": source,
-                "sampling": dataclasses.asdict(sampling),
-                "resize_crop": dataclasses.asdict(resize_crop) if resize_crop is not None else None,
-                "decoder": decoder or self.decoder,
-                "storage_options": storage_options,
-                "max_pixels": self.max_pixels,
-                "threads": self.threads,
-            }
-            try:
-                self._conn.send(request)
-                ready = self._conn.poll(timeout)
-            except (BrokenPipeError, EOFError, OSError):
-                ready = True  # the child is gone; recv below reports it
-            if not ready:
-                self._kill()
-                self.restarts += 1
-                raise DecodeTimeout(f"{source}: no result after {timeout:g} s; decoder process killed")
-            try:
-                reply = self._conn.recv()
-            except (EOFError, OSError):
-                code = self._kill()
-                self.restarts += 1
-                raise DecodeError("crashed", f"{source}: decoder process died (exit code {code})") from None
-        return self._result(reply)
-
-    def _result(self, reply: dict[str, Any]) -> DecodedVideo:
-        if not reply["ok"]:
-            raise DecodeError(reply["reason"], reply["message"])
-        frames_path = reply["frames"]
-        try:
-            frames = np.load(frames_path, allow_pickle=False)
-        finally:
-            os.unlink(frames_path)
-        return DecodedVideo(frames=frames, indices=np.asarray(reply["indices"], dtype=np.int64),
-                            timestamps=np.asarray(reply["timestamps"], dtype=np.float64), decoder=reply["decoder"],
-                            fps=reply["fps"], num_frames=reply["num_frames"], rotation=reply["rotation"])
-
-    def _ensure_started(self) -> None:
-        if self._process is not None and self._process.is_alive():
-            return
-        if self._process is not None:  # died between requests (killed from outside?)
-            self._kill()
-            self.restarts += 1
-        parent_conn, child_conn = self._ctx.Pipe()
-        self._process = self._ctx.Process(target=_child_main, args=(child_conn, self._workdir), daemon=True,
-                                          name="subsume-decoder")
-        self._process.start()
-        child_conn.close()
-        self._conn = parent_conn
-        # Wait for the child's imports, so that request timeouts measure decoding, not start-up.
-        if not parent_conn.poll(STARTUP_TIMEOUT_S) or not _recv_ready(parent_conn):
-            code = self._kill()
-            raise DecodeError("crashed", f"decoder process did not start (exit code {code})")
-
-    def _kill(self) -> int | None:
-        """SIGKILL the child, reap it, and clear what it left in the work folder."""
-        process, self._process = self._process, None
-        code = None
-        if process is not None:
-            if process.is_alive():
-                process.kill()
-            process.join(10)
-            code = process.exitcode
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        if self._workdir is not None:
-            for name in os.listdir(self._workdir):
-                with contextlib.suppress(OSError):
-                    p = os.path.join(self._workdir, name)
-                    shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
-        return code
-
-    def close(self) -> None:
-        with self._lock:
-            if self._process is not None and self._process.is_alive() and self._conn is not None:
-                with contextlib.suppress(OSError, BrokenPipeError):
-                    self._conn.send(None)  # ask for a clean exit
-                self._process.join(5)
-            self._kill()
-            if self._workdir is not None:
-                shutil.rmtree(self._workdir, ignore_errors=True)
-                self._workdir = None
-
-    def __enter__(self) -> DecoderProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
-
-
-def _recv_ready(conn: Any) -> bool:
-    try:
-        return conn.recv() == "ready"
-    except (EOFError, OSError):
-        return False
-
-
-def _child_main(conn: Any, workdir: str) -> None:
-    """The child's loop: one request in, one small dict out, until the parent sends None or goes away."""
-    import av  # noqa: F401  (imported here so that start-up cost is paid before the first request)
-
-    with contextlib.suppress(ImportError):
-        import decord  # noqa: F401
-    conn.send("ready")
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            return
-        if request is None:
-            return
-        conn.send(_serve(request, workdir))
-
-
-def _serve(request: dict[str, Any], workdir: str) -> dict[str, Any]:
-    try:
-        transform = _resize_crop_transform(request["resize_crop"])
-        video = decode_video(request["source"], SamplingSpec(**request["sampling"]), transform=transform,
-                             decoder=request["decoder"], storage_options=request["storage_options"],
-                             max_pixels=request["max_pixels"], threads=request["threads"], tmp_dir=workdir)
-    except DecodeError as e:
-        return {"ok": False, "reason": e.reason, "message": e.message}
-    except Exception as e:  # anything else is still this video's failure, not the child's
-        return {"ok": False, "reason": "decoder_error", "message": f"{type(e).__name__}: {e}"}
-    frames_path = os.path.join(workdir, f"{request['id']}-frames.npy")
-    np.save(frames_path, video.frames, allow_pickle=False)
-    return {"ok": True, "frames": frames_path, "indices": video.indices.tolist(),
-            "timestamps": video.timestamps.tolist(), "decoder": video.decoder, "fps": video.fps,
-            "num_frames": video.num_frames, "rotation": video.rotation}
-
-
-def _resize_crop_transform(spec: dict[str, Any] | None) -> Transform | None:
-    if spec is None:
-        return None
-    import torch
-
-    from feature_store.preprocess import resize_crop
-
-    preprocess = PreprocessSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
-    return lambda frames: resize_crop(torch.from_numpy(frames), preprocess).numpy()

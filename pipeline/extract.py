@@ -7,23 +7,26 @@ since its last commit and a rerun finishes the rest.
 
 from __future__ import annotations
 
-import json
 import math
 import logging
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from feature_store.spec import FeatureSpec, SamplingSpec, StorageSpec, TeacherSpec
-
-from feature_store.ledger import FAILURES_SCHEMA, cause_of, judge_version
+from feature_store.ledger import FAILURES_SCHEMA, judge_version
+from feature_store.runs import write_run
 from feature_store.snapshot import Snapshot
-from feature_store.store import HEARTBEAT_S, CommitBatch, FeatureStore, Fidelity, ShardRecord, TargetStats, new_run_id
+from feature_store.store import HEARTBEAT_S, CommitBatch, FeatureStore, new_run_id
+from pipeline.decode import DecodeLimits
 from pipeline.plan import Plan, VideoInput, index_for_inputs, index_for_listing, known_hashes, make_plan
 from pipeline.sources import VideoRef, hash_video, list_videos, stat_video
-from pipeline.stages import DecodeStage, TeacherStage, WriteStage, failure_record
+from pipeline.records import Failure
+from pipeline.results import WriterResult
+from pipeline.stages import DecodeStage, TeacherStage, WriteStage
+from pipeline.tally import CommitCadence, Tally
 
 
 # Bytes to hash before a distributed job pays for itself: threads in the driver hash a local or object-store
@@ -55,6 +58,7 @@ class ExtractConfig:
     commit_every_s: float = 30.0
     max_in_flight: int = 2  # batches queued per actor (bounded memory: decoded frames never pile up)
     object_store_memory_gb: float | None = None
+    decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
 
 
 def resolve_feature_spec(cfg: ExtractConfig) -> FeatureSpec:
@@ -73,7 +77,7 @@ def identify_videos(refs: list[VideoRef], snapshot: Snapshot | None, storage_opt
     """
     inputs: list[VideoInput] = []
     for r in refs:
-        st = stat_video(r.source, storage_options)
+        st = r.stat or stat_video(r.source, storage_options)  # a folder or glob listing already has it
         inputs.append(VideoInput(r.source, r.video_id, dict(r.labels), size=st.size, mtime=st.mtime, error=st.error))
     stats = [(v.source, v.size, v.mtime) for v in inputs]
     known = known_hashes(stats, index_for_listing(snapshot, stats))
@@ -117,6 +121,10 @@ def steady_rate(frames: int, teacher_spans: list[tuple[float, float]]) -> float 
     return round(frames / window, 2) if window > 0 else None
 
 
+# A shard writer mostly waits on storage; it reserves this much CPU so that Ray places it on a worker node.
+WRITER_CPUS = 0.25
+
+
 @dataclass(frozen=True)
 class ActorPlan:
     """How many decode and teacher actors the pipeline runs, and what each reserves from Ray."""
@@ -127,6 +135,8 @@ class ActorPlan:
     teacher_cpus: float
     teacher_gpus: float
     teacher_threads: int  # torch intra-op threads of each teacher actor; 0 leaves torch's default (GPU)
+    writer_actors: int = 1  # the writer pool's largest size
+    writer_cpus: float = WRITER_CPUS  # reserved, so no writer is placed on a 0-CPU head node
 
 
 def plan_actors(cpus: float, gpus: float, device: str = "auto", *, teacher_actors: int | None = None,
@@ -140,15 +150,18 @@ def plan_actors(cpus: float, gpus: float, device: str = "auto", *, teacher_actor
     """
     if gpus >= 1 and device in ("auto", "cuda"):
         n_teacher = teacher_actors or int(gpus)
-        n_decode = decode_concurrency or max(1, int(cpus - 0.5 * n_teacher))
-        return ActorPlan(n_decode, 1.0, n_teacher, 0.5, 1.0, 0)
+        n_writer = max(1, min(4, int(cpus) // 4))
+        n_decode = decode_concurrency or max(1, int(cpus - 0.5 * n_teacher - WRITER_CPUS * n_writer))
+        return ActorPlan(n_decode, 1.0, n_teacher, 0.5, 1.0, 0, n_writer)
     n_teacher = teacher_actors or max(1, int(cpus))
     n_decode = decode_concurrency or max(1, int(cpus) // 2)
+    n_writer = max(1, min(n_decode, 4))
     decode_cpus = 0.25
-    teacher_cpus = max(0.05, (cpus - n_decode * decode_cpus) / n_teacher)
+    # writer CPU first, then decoders; the teachers share what is left
+    teacher_cpus = max(0.05, (cpus - n_writer * WRITER_CPUS - n_decode * decode_cpus) / n_teacher)
     # torch threads: the actor's share of the cores, rounded up (a decoder's quarter core is mostly idle)
     return ActorPlan(n_decode, decode_cpus, n_teacher, math.floor(teacher_cpus * 1000) / 1000, 0.0,
-                     max(1, math.ceil(teacher_cpus - 1e-6)))
+                     max(1, math.ceil(teacher_cpus - 1e-6)), n_writer)
 
 
 def cluster_actor_plan(device: str = "auto", *, teacher_actors: int | None = None,
@@ -156,6 +169,15 @@ def cluster_actor_plan(device: str = "auto", *, teacher_actors: int | None = Non
     """`plan_actors` for the connected Ray cluster's CPUs and GPUs."""
     cpus, gpus = _cluster_resources()
     return plan_actors(cpus, gpus, device, teacher_actors=teacher_actors, decode_concurrency=decode_concurrency)
+
+
+def cluster_nodes() -> list[dict[str, Any]]:
+    """The cluster's nodes as the run saw them at its end: id, address, CPUs, GPUs, alive."""
+    import ray
+
+    return [{"node_id": n["NodeID"], "address": n.get("NodeManagerAddress", ""),
+             "cpus": n.get("Resources", {}).get("CPU", 0.0), "gpus": n.get("Resources", {}).get("GPU", 0.0),
+             "alive": bool(n.get("Alive"))} for n in ray.nodes()]
 
 
 def _cluster_resources() -> tuple[float, float]:
@@ -216,152 +238,159 @@ class Progress:
             self.bar.close()
 
 
+@dataclass
+class Planned:
+    """What `plan` decided: the KEY, the inputs listed and the split (compute, reuse, quarantine...)."""
+
+    spec: FeatureSpec
+    inputs_total: int
+    plan: Plan
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+
 def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """Run (or dry-run) an extraction. `connect()` is called before the first use of Ray (to join or start a
-    cluster); a run with nothing to compute never starts one."""
+    """Run (or dry-run) an extraction: plan -> run -> commit -> report. `connect()` is called before the first
+    use of Ray (to join or start a cluster); a run with nothing to compute never starts one."""
     t_start = time.perf_counter()
-    used_ray: list[bool] = []
-
-    def connect_once() -> None:  # noted, so a run that needed no Ray can say so
-        if not used_ray:
-            used_ray.append(True)
-            connect()
-
+    ray_link = _OnceConnect(connect)
     store = FeatureStore(cfg.store, cfg.storage_options)
+    planned = plan_run(cfg, store, ray_link)
+    base = {"store": cfg.store, "key": planned.key, "teacher": cfg.teacher.model, "videos_total": planned.inputs_total}
+    if cfg.dry_run:
+        return {**base, **dry_run_report(planned.plan)}
+    store.ensure_key(planned.spec)
+    run = ExtractionRun(cfg, store, planned)
+    run.execute(ray_link)
+    summary = {**base, **run.report(time.perf_counter() - t_start, used_ray=ray_link.used)}
+    summary["run_record"] = write_run(store, planned.key, run.run_id, summary)  # runs/<run_id>.json in the KEY
+    return summary
+
+
+class _OnceConnect:
+    """Connects to Ray on first use, and notes it (a run that needed no Ray says so)."""
+
+    def __init__(self, connect: Callable[[], None]):
+        self._connect, self.used = connect, False
+
+    def __call__(self) -> None:
+        if not self.used:
+            self.used = True
+            self._connect()
+
+
+def plan_run(cfg: ExtractConfig, store: FeatureStore, connect: Callable[[], None]) -> Planned:
+    """List the videos, identify them and split them against the KEY's index and failure ledger."""
+    say = _stage_line(cfg.progress)
     spec = resolve_feature_spec(cfg)
-    key = spec.key
+    say(f"listing {cfg.videos}")
     refs = list_videos(cfg.videos, cfg.storage_options)
-    snapshot = store.open(key) if key in store.keys() else None
+    say(f"listed {len(refs)} videos; identifying them against KEY {spec.key}")
+    snapshot = store.open(spec.key) if spec.key in store.keys() else None
     failures = snapshot.failures if snapshot else FAILURES_SCHEMA.empty_table()
-    inputs = identify_videos(refs, snapshot, cfg.storage_options, connect_once)
+    inputs = identify_videos(refs, snapshot, cfg.storage_options, connect)
+    say("planning")
     plan = make_plan(inputs, index_for_inputs(snapshot, inputs), failures, max_attempts=cfg.max_attempts,
                      segment_frames=cfg.sampling.segment_frames, retry_failed=cfg.retry_failed)
-    base = {"store": cfg.store, "key": key, "teacher": cfg.teacher.model, "videos_total": len(refs)}
-    if cfg.dry_run:
-        return {**base, "dry_run": True, **plan.summary(),
-                "compute": [w.source for w in plan.compute],
-                "quarantined": [{"source": v.source, "why": why} for v, why in plan.quarantined],
-                "unreadable": [{"source": v.source, "why": v.error} for v in plan.unreadable]}
+    summary = plan.summary()
+    say(f"planned: {summary['to_compute']} to compute, {len(plan.reused)} reused, "
+        f"{len(plan.quarantined)} quarantined, {len(plan.unreadable)} unreadable")
+    return Planned(spec, len(refs), plan)
 
-    store.ensure_key(spec)
-    run_id = new_run_id()
-    lease = Lease(store, key, run_id)
-    judged_by = judge_version()
 
-    def new_batch(**kw: Any) -> CommitBatch:
-        return CommitBatch(run_id=run_id, max_attempts=cfg.max_attempts, judged_by=judged_by, **kw)
+def _stage_line(enabled: bool) -> Callable[[str], None]:
+    """Progress before the per-video bar: one timestamped line per step on stderr (quiet when disabled)."""
+    t0 = time.perf_counter()
 
-    pending = new_batch(metadata_updates=plan.metadata_updates)
-    for v in plan.unreadable:
-        pending.failures.append(json.loads(failure_record(sha256="", source=v.source, stage="read",
-                                                          error=v.error.split(":")[0], message=v.error)))
-    counters: Counter = Counter()
-    failures_by_reason: Counter = Counter(f["error"] for f in pending.failures)
-    timing: Counter = Counter()
-    expected = {w.sha256: None for w in plan.compute}  # segments still to come, filled from the first row
-    got: dict[str, int] = defaultdict(int)
-    have = {w.sha256: len(w.have_segments) for w in plan.compute}
-    failed_before = {w.sha256 for w in plan.compute if w.attempts}  # their ledger entries clear on success
-    progress = Progress(len(plan.compute), cfg.progress)
-    last_commit = time.perf_counter()
-    teacher_spans: list[tuple[float, float]] = []  # (first teacher call start, last end) per shard
+    def say(msg: str) -> None:
+        if enabled:
+            print(f"extract [{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    def commit() -> None:
-        nonlocal pending, last_commit
-        if not pending.empty():
-            store.commit(key, pending)
-        pending = new_batch()
-        last_commit = time.perf_counter()
+    return say
 
-    failed_ids: set[str] = set()
-    try:  # the lease must stop with the run, also when it fails (a long-lived caller goes on)
-        if plan.compute:
-            connect_once()
-            ds = build_dataset(cfg, spec, store, key, run_id, plan)
-            for row in ds.iter_rows():
-                p = json.loads(row["payload"])
-                if "failure" in p:
-                    f = {**p["failure"], "cause": cause_of(p["failure"]["error"], p["failure"].get("retryable", True))}
-                    if f["failure_id"] in failed_ids:  # a video failing on several segments fails once per run
-                        continue
-                    failed_ids.add(f["failure_id"])
-                    pending.failures.append(f)
-                    failures_by_reason[f["error"]] += 1
-                    counters["videos_failed"] += 1
-                    expected.pop(f["video_sha256"], None)
-                    progress.update(failed=1)
-                else:
-                    rec = ShardRecord(**p["shard"])
-                    pending.shards.append(rec)
-                    pending.rows.extend(p["rows"])
-                    pending.shard_stats[rec.name] = TargetStats(**p["stats"])
-                    pending.shard_fidelity[rec.name] = Fidelity(**p["fidelity"])
-                    pending.stats = pending.stats.merge(pending.shard_stats[rec.name])
-                    pending.fidelity = pending.fidelity.merge(pending.shard_fidelity[rec.name])
-                    timing.update(p["timing"])
-                    counters["samples_written"] += rec.count
-                    counters["bytes_written"] += rec.bytes
-                    counters["shards_written"] += 1
-                    frames = rec.count * cfg.sampling.segment_frames
-                    counters["frames_computed"] += frames
-                    if p.get("teacher_span"):
-                        teacher_spans.append(tuple(p["teacher_span"]))
-                    finished = 0
-                    for r in p["rows"]:
-                        sha = r["video_sha256"]
-                        got[sha] += 1
-                        if sha in expected and got[sha] + have[sha] >= r["segments_total"]:
-                            expected.pop(sha)
-                            if sha in failed_before:
-                                pending.succeeded.append(f"sha:{sha}")
-                            finished += 1
-                    counters["videos_new_ok"] += finished
-                    progress.update(done=finished, frames=frames, shards=1)
-                if len(pending.shards) >= cfg.commit_every_shards or time.perf_counter() - last_commit > cfg.commit_every_s:
-                    commit()
-        commit()
-    finally:
-        progress.close()
-        lease.end()
-    snap = store.open(key)
 
-    wall = time.perf_counter() - t_start
-    n_inputs = len(refs)
-    failed = counters["videos_failed"] + len(plan.unreadable) + len(plan.quarantined) + len(expected)
-    if plan.quarantined:
-        failures_by_reason["quarantined"] += len(plan.quarantined)
-    frames_computed = counters["frames_computed"]
-    result = {
-        **base,
-        "version": snap.version,
-        "run_id": run_id,
-        "videos_ok": len(plan.reused) + counters["videos_new_ok"],
-        "videos_failed": failed,
-        "videos_reused": len(plan.reused),
-        "videos_quarantined": len(plan.quarantined),
-        "videos_duplicate": len(plan.duplicates),
-        "failures_by_reason": dict(failures_by_reason),
-        "samples": snap.manifest["counts"]["samples"],
-        "samples_written": counters["samples_written"],
-        "shards": len(snap.shards),
-        "shards_written": counters["shards_written"],
-        "bytes_written": counters["bytes_written"],
-        "frames_computed": frames_computed,
-        "frames_reused": plan.frames_reused,
-        "metadata_updates": len(plan.metadata_updates),
-        "wall_s": round(wall, 3),
-        "used_ray": bool(used_ray),
-        "frames_per_s": round(frames_computed / wall, 2) if wall else None,
-        "steady_frames_per_s": steady_rate(frames_computed, teacher_spans),
-        "stage_busy_s": {k: round(v, 3) for k, v in timing.items()},
-        "stage_frames_per_s": {k.removesuffix("_s"): round(frames_computed / v, 2) for k, v in timing.items() if v},
-        "fidelity": snap.manifest.get("fidelity"),
-    }
-    if n_inputs and failed / n_inputs > cfg.max_failure_fraction:
-        result["_exit_code"] = 3
-        result["error"] = (f"{failed} of {n_inputs} videos failed (more than --max-failure-fraction "
-                           f"{cfg.max_failure_fraction}); see `subsume store failures {cfg.store} {key}`")
-    return result
+def dry_run_report(plan: Plan) -> dict[str, Any]:
+    return {"dry_run": True, **plan.summary(), "compute": [w.source for w in plan.compute],
+            "quarantined": [{"source": v.source, "why": why} for v, why in plan.quarantined],
+            "unreadable": [{"source": v.source, "why": v.error} for v in plan.unreadable]}
+
+
+class ExtractionRun:
+    """One run that computes: holds the lease, streams the writers' results into commits, then reports."""
+
+    def __init__(self, cfg: ExtractConfig, store: FeatureStore, planned: Planned):
+        self.cfg, self.store, self.planned, self.plan = cfg, store, planned, planned.plan
+        self.run_id = new_run_id()
+        self.judged_by = judge_version()
+        self.tally = Tally(self.plan.compute, cfg.sampling.segment_frames)
+        self.cadence = CommitCadence(lambda b: store.commit(planned.key, b), self._new_batch,
+                                     cfg.commit_every_shards, cfg.commit_every_s)
+        self.cadence.batch.metadata_updates = list(self.plan.metadata_updates)
+        for v in self.plan.unreadable:
+            self.tally.failure(Failure("", v.source, "read", v.error.split(":")[0], v.error), self.cadence.batch)
+
+    def _new_batch(self) -> CommitBatch:
+        return CommitBatch(run_id=self.run_id, max_attempts=self.cfg.max_attempts, judged_by=self.judged_by)
+
+    def execute(self, connect: Callable[[], None]) -> None:
+        lease = Lease(self.store, self.planned.key, self.run_id)
+        progress = Progress(len(self.plan.compute), self.cfg.progress)
+        try:  # the lease must stop with the run, also when it fails (a long-lived caller goes on)
+            if self.plan.compute:
+                connect()
+                ds = build_dataset(self.cfg, self.planned.spec, self.store, self.planned.key, self.run_id, self.plan)
+                for row in ds.iter_rows():
+                    self._take(WriterResult.from_row(row), progress)
+                    self.cadence.maybe()
+            self.cadence.flush()
+        finally:
+            progress.close()
+            lease.end()
+
+    def _take(self, r: WriterResult, progress: Progress) -> None:
+        if r.failure is not None:
+            if self.tally.failure(r.failure, self.cadence.batch):
+                progress.update(failed=1)
+        else:
+            done = self.tally.shard(r, self.cadence.batch)
+            progress.update(done=done, frames=r.shard.count * self.cfg.sampling.segment_frames, shards=1)
+
+    def report(self, wall: float, *, used_ray: bool) -> dict[str, Any]:
+        snap, plan, t, c = self.store.open(self.planned.key), self.plan, self.tally, self.tally.counters
+        failed = c["videos_failed"] + len(plan.unreadable) + len(plan.quarantined) + len(t.pending)
+        reasons = Counter(t.failures_by_reason)
+        if plan.quarantined:
+            reasons["quarantined"] += len(plan.quarantined)
+        frames = c["frames_computed"]
+        result = {
+            "version": snap.version, "run_id": self.run_id,
+            "videos_ok": len(plan.reused) + c["videos_new_ok"], "videos_failed": failed,
+            "videos_reused": len(plan.reused), "videos_quarantined": len(plan.quarantined),
+            "videos_duplicate": len(plan.duplicates), "failures_by_reason": dict(reasons),
+            "samples": snap.manifest["counts"]["samples"], "samples_written": c["samples_written"],
+            "shards": len(snap.shards), "shards_written": c["shards_written"], "bytes_written": c["bytes_written"],
+            "frames_computed": frames, "frames_reused": plan.frames_reused,
+            "metadata_updates": len(plan.metadata_updates), "versions_committed": self.cadence.versions,
+            "wall_s": round(wall, 3), "used_ray": used_ray,
+            "frames_per_s": round(frames / wall, 2) if wall else None,
+            "steady_frames_per_s": steady_rate(frames, t.teacher_windows),
+            "stage_busy_s": {k: round(v, 3) for k, v in t.timing.items()},
+            "stage_frames_per_s": {k.removesuffix("_s"): round(frames / v, 2) for k, v in t.timing.items() if v},
+            "fidelity": snap.manifest.get("fidelity"),
+            "nodes": cluster_nodes() if used_ray else [],
+            "stage_nodes": {stage: sorted(ids) for stage, ids in t.stage_nodes.items()},
+        }
+        return {**result, **self._verdict(failed)}
+
+    def _verdict(self, failed: int) -> dict[str, Any]:
+        n, cfg = self.planned.inputs_total, self.cfg
+        if n and failed / n > cfg.max_failure_fraction:
+            return {"_exit_code": 3, "error": f"{failed} of {n} videos failed (more than --max-failure-fraction "
+                                              f"{cfg.max_failure_fraction}); see `subsume store failures "
+                                              f"{cfg.store} {self.planned.key}`"}
+        return {}
 
 
 def _quiet_ray_data():
@@ -377,6 +406,24 @@ def _quiet_ray_data():
     return ctx
 
 
+# Videos per block of the work list at most: a lost node loses at most its blocks' videos to a retry.
+VIDEOS_PER_BLOCK = 200
+
+
+def work_blocks(n_videos: int, n_decode: int) -> int:
+    """Enough blocks to feed every decoder several times, and none over VIDEOS_PER_BLOCK videos."""
+    return max(1, min(n_videos, max(4 * n_decode, math.ceil(n_videos / VIDEOS_PER_BLOCK))))
+
+
+def work_rows(plan: Plan, seed: str) -> list[dict[str, Any]]:
+    """The work list in a shuffled order (seeded by the run), so shards do not cluster by folder."""
+    import random
+
+    rows = [w.to_row() for w in plan.compute]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
 def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, key: str, run_id: str, plan: Plan):
     import ray
     from ray.data import ActorPoolStrategy
@@ -390,15 +437,14 @@ def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, ke
                                 decode_concurrency=cfg.decode_concurrency)
     use_gpu = actors.teacher_gpus > 0
     n_decode = actors.decode_actors
-    items = [w.to_row() for w in plan.compute]
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * n_decode))
+    ds = ray.data.from_items(work_rows(plan, run_id), override_num_blocks=work_blocks(len(plan.compute), n_decode))
     ds = ds.map_batches(
         DecodeStage, batch_size=1,
         compute=ActorPoolStrategy(min_size=1, max_size=n_decode, max_tasks_in_flight_per_actor=cfg.max_in_flight),
         num_cpus=actors.decode_cpus,
         fn_constructor_kwargs=dict(sampling=asdict(spec.sampling), preprocess=asdict(spec.preprocess),
                                    storage=asdict(spec.storage), timeout_s=cfg.decode_timeout,
-                                   storage_options=cfg.storage_options),
+                                   storage_options=cfg.storage_options, limits=asdict(cfg.decode_limits)),
     )
     ds = ds.map_batches(
         TeacherStage, batch_size=max(1, cfg.batch_size // spec.sampling.segment_frames),
@@ -409,10 +455,13 @@ def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, ke
                                    device="cuda" if use_gpu else ("cpu" if cfg.device == "auto" else cfg.device),
                                    precision=cfg.teacher.precision, batch_size=cfg.batch_size, storage=asdict(spec.storage),
                                    segment_frames=spec.sampling.segment_frames,
-                                   cpu_threads=actors.teacher_threads))
+                                   cpu_threads=actors.teacher_threads,
+                                   expect=dict(fingerprint=spec.teacher_fingerprint, embed_dim=spec.embed_dim,
+                                               output_used=spec.output_used)))
     ds = ds.map_batches(
-        WriteStage, batch_size=cfg.samples_per_shard, num_cpus=0,
-        compute=ActorPoolStrategy(min_size=1, max_size=n_decode, max_tasks_in_flight_per_actor=cfg.max_in_flight),
+        WriteStage, batch_size=cfg.samples_per_shard, num_cpus=actors.writer_cpus,
+        compute=ActorPoolStrategy(min_size=1, max_size=actors.writer_actors,
+                                  max_tasks_in_flight_per_actor=cfg.max_in_flight),
         fn_constructor_kwargs=dict(root=store.root, storage_options=store.storage_options, key=key, run_id=run_id,
                                    storage=asdict(spec.storage)))
     return ds

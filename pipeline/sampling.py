@@ -135,3 +135,55 @@ def cut_segments(sampled: int | np.ndarray, spec: SamplingSpec) -> list[np.ndarr
         return [np.minimum(np.arange(length, dtype=np.int64), n - 1)]
     step = length - spec.overlap
     return [np.arange(s, s + length, dtype=np.int64) for s in range(0, n - length + 1, step)]
+
+
+def count_segments(sampled: int, spec: SamplingSpec) -> int:
+    """len(cut_segments(sampled, spec)), without building them."""
+    if sampled <= 0:
+        return 0
+    if sampled < spec.segment_frames:
+        return 0 if spec.short == "drop" else 1
+    return (sampled - spec.segment_frames) // (spec.segment_frames - spec.overlap) + 1
+
+
+class SegmentCutter:
+    """`cut_segments` on a stream: push sampled frames (and per-frame values) chunk by chunk, get each
+    segment as soon as its last frame arrives. Holds at most one segment plus one chunk of frames.
+
+    Segments are (segment number, positions into the sampled frames, stacked values per pushed array).
+    """
+
+    def __init__(self, spec: SamplingSpec) -> None:
+        self.spec = spec
+        self.step = spec.segment_frames - spec.overlap
+        self.pushed = 0  # frames pushed so far
+        self._next = 0  # first position of the next window
+        self._start = 0  # position of the first buffered frame
+        self._buf: list[np.ndarray] | None = None
+        self._count = 0
+
+    def push(self, *arrays: np.ndarray) -> list[tuple[int, np.ndarray, list[np.ndarray]]]:
+        n = len(arrays[0])
+        self._buf = list(arrays) if self._buf is None else [np.concatenate([b, a]) for b, a in zip(self._buf, arrays)]
+        self.pushed += n
+        out = []
+        length = self.spec.segment_frames
+        while self._next + length <= self.pushed:
+            lo = self._next - self._start
+            pos = np.arange(self._next, self._next + length, dtype=np.int64)
+            out.append((self._count, pos, [b[lo:lo + length] for b in self._buf]))
+            self._count += 1
+            self._next += self.step
+        drop = min(self._next, self.pushed) - self._start  # frames no later window needs
+        if drop > 0:
+            self._buf = [b[drop:] for b in self._buf]
+            self._start += drop
+        return out
+
+    def finish(self) -> list[tuple[int, np.ndarray, list[np.ndarray]]]:
+        """The padded segment of a video shorter than one segment (short="pad"), else nothing."""
+        if self._count or not self.pushed or self.spec.short == "drop" or self._buf is None:
+            return []
+        pos = np.minimum(np.arange(self.spec.segment_frames, dtype=np.int64), self.pushed - 1)
+        self._count = 1
+        return [(0, pos, [b[pos - self._start] for b in self._buf])]

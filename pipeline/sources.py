@@ -20,11 +20,19 @@ class SourceError(Exception):
     pass
 
 
+@dataclass
+class FileStat:
+    size: int
+    mtime: float  # or a stand-in derived from the ETag on object storage
+    error: str = ""
+
+
 @dataclass(frozen=True)
 class VideoRef:
     source: str  # a local absolute path or a full fsspec URL
     video_id: str
     labels: dict[str, str] = field(default_factory=dict, hash=False)
+    stat: FileStat | None = field(default=None, hash=False, compare=False)  # from the listing, when it had one
 
 
 def _full(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -41,10 +49,11 @@ def list_videos(src: str, storage_options: dict[str, Any] | None = None) -> list
     if _ext(path) in MANIFEST_EXTENSIONS and fs.isfile(path):
         refs = _from_manifest(fs, path)
     elif any(c in path for c in "*?["):
-        refs = [_ref_from_path(fs, p, root=None) for p in sorted(fs.glob(path)) if _ext(p) in VIDEO_EXTENSIONS]
+        found = fs.glob(path, detail=True)  # size and mtime/ETag come with the listing: no stat per video
+        refs = [_ref_from_path(fs, p, None, found[p]) for p in sorted(found) if _ext(p) in VIDEO_EXTENSIONS]
     elif fs.isdir(path):
-        found = sorted(p for p in fs.find(path) if _ext(p) in VIDEO_EXTENSIONS)
-        refs = [_ref_from_path(fs, p, root=path) for p in found]
+        found = fs.find(path, detail=True)
+        refs = [_ref_from_path(fs, p, path, found[p]) for p in sorted(found) if _ext(p) in VIDEO_EXTENSIONS]
     elif fs.isfile(path):
         refs = [_ref_from_path(fs, path, root=None)]
     else:
@@ -55,9 +64,11 @@ def list_videos(src: str, storage_options: dict[str, Any] | None = None) -> list
     return refs
 
 
-def _ref_from_path(fs: fsspec.AbstractFileSystem, path: str, root: str | None) -> VideoRef:
+def _ref_from_path(fs: fsspec.AbstractFileSystem, path: str, root: str | None,
+                   info: dict[str, Any] | None = None) -> VideoRef:
     rel = posixpath.relpath(path, root) if root else posixpath.basename(path)
-    return VideoRef(source=_full(fs, path), video_id=posixpath.splitext(rel)[0])
+    return VideoRef(source=_full(fs, path), video_id=posixpath.splitext(rel)[0],
+                    stat=stat_from_info(info) if info else None)
 
 
 def _resolve(fs: fsspec.AbstractFileSystem, base: str, p: str) -> str:
@@ -102,13 +113,6 @@ def _from_manifest(fs: fsspec.AbstractFileSystem, path: str) -> list[VideoRef]:
     return out
 
 
-@dataclass
-class FileStat:
-    size: int
-    mtime: float  # or a stand-in derived from the ETag on object storage
-    error: str = ""
-
-
 def stat_video(source: str, storage_options: dict[str, Any] | None = None) -> FileStat:
     """Cheap identity pre-check (size + mtime, or ETag on object storage) before hashing the bytes."""
     try:
@@ -118,6 +122,11 @@ def stat_video(source: str, storage_options: dict[str, Any] | None = None) -> Fi
         return FileStat(0, 0.0, "missing")
     except OSError as e:
         return FileStat(0, 0.0, f"unreadable: {e}")
+    return stat_from_info(info)
+
+
+def stat_from_info(info: dict[str, Any]) -> FileStat:
+    """A listing's (or stat's) entry -> size and mtime, or a stand-in derived from the ETag."""
     mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or 0.0
     if hasattr(mtime, "timestamp"):
         mtime = mtime.timestamp()

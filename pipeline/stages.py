@@ -1,106 +1,88 @@
 """The three Ray Data stages of extraction, as plain callables (no Ray import): decode, teacher, write.
 
-Rows between stages carry only bytes, strings and scalars, so every row has the same schema whether it
-is a sample or a failure: `failure` is "" for a sample, else a JSON failure record.
-- decode (actor pool, CPU): video → segments of frames resized/cropped for the teacher, encoded as stored
-- teacher (actor pool, GPU if any): decoded stored frames → targets; one model load per actor
-- write (actor pool): a batch of samples → one shard, published atomically; returns the shard's record
+Rows between stages are typed columns (`pipeline.records.SegmentRow`); a failure travels as a row of
+the same schema whose `error` names its class.
+- decode (actor pool, CPU): streams one video's frames out of a killable child process, cuts segments as
+  they fill, encodes each as stored (JPEG...) and decodes it back, so the teacher gets ready uint8 frames,
+  exactly the stored ones. A segment leaves as soon as its video's segment count is known (decord knows
+  it before decoding; PyAV's segments wait for the end of their video, as encoded bytes).
+- teacher (actor pool, GPU if any): checks at start that its weights are the KEY's; embeds the frames of
+  all the segments of a batch (across videos) together; an out-of-memory batch is retried once at half
+  size; a teacher error fails the batch's videos (one failure row per video), never the dataset.
+- write (actor pool): a batch of samples -> one shard, published atomically, with retries and backoff on
+  storage errors; returns the shard's record, or one failure per video when the storage stays down.
 """
 
 from __future__ import annotations
 
-import io
 import json
+import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from feature_store.shards import build_sample, decode_frames, encode_frames, npy_bytes, sample_key
+from feature_store.shards import build_sample, decode_frames, encode_frames, sample_key
 from feature_store.spec import PreprocessSpec, SamplingSpec, StorageSpec, TeacherSpec
-from feature_store.store import FeatureStore, Fidelity, TargetStats, failure_id, utcnow
+from feature_store.store import FeatureStore, Fidelity, TargetStats
+from pipeline.records import Failure, SegmentRow, failure_rows, from_batch, to_batch
+from pipeline.results import WriterResult, results_table
 
-ROW_COLUMNS = ("sample_key", "frames_blob", "meta", "failure", "targets_blob", "patches_blob")
-
-
-def failure_record(*, sha256: str, source: str, stage: str, error: str, message: str,
-                   retryable: bool = True) -> str:
-    return json.dumps({"failure_id": failure_id(sha256, source), "video_sha256": sha256, "source": source,
-                       "stage": stage, "error": error, "message": message[:2000], "attempts": 1,
-                       "retryable": retryable, "last_attempt": utcnow()})
+log = logging.getLogger(__name__)
 
 
-def _empty_rows() -> dict[str, list]:
-    return {c: [] for c in ROW_COLUMNS}
+def node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray): the run summary says where each stage ran."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
-def _append(rows: dict[str, list], **kw: Any) -> None:
-    for c in ROW_COLUMNS:
-        rows[c].append(kw.get(c, b"" if c.endswith("_blob") else ""))
+def _preprocess(d: dict) -> PreprocessSpec:
+    return PreprocessSpec(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 
 class DecodeStage:
-    """Decode one video per call in a killable child process; emit one row per new segment."""
+    """Decode one video per input row in a killable child process; yield its new segments as they fill."""
 
     def __init__(self, sampling: dict, preprocess: dict, storage: dict, *, timeout_s: float,
-                 storage_options: dict | None = None, decoder: str = "auto"):
-        from pipeline.decode import DecoderProcess
+                 storage_options: dict | None = None, decoder: str = "auto", limits: dict | None = None,
+                 decode_fn: Any = None):
+        from pipeline.decode import DecodeLimits
+        from pipeline.decoder_process import DecoderProcess
 
         self.sampling = SamplingSpec(**sampling)
-        self.preprocess = PreprocessSpec(**{**preprocess, "mean": tuple(preprocess["mean"]),
-                                            "std": tuple(preprocess["std"])})
+        self.preprocess = _preprocess(preprocess)
         self.storage = StorageSpec(**storage)
-        self.timeout_s = timeout_s
-        self.decoder = decoder
         self.storage_options = storage_options
-        self.proc = DecoderProcess(timeout_s=timeout_s, decoder=decoder)
+        self.node = node_id()
+        extra = {"decode_fn": decode_fn} if decode_fn is not None else {}
+        self.proc = DecoderProcess(timeout_s=timeout_s, decoder=decoder, limits=DecodeLimits(**(limits or {})),
+                                   **extra)
+        t, s = self.sampling.segment_frames, self.preprocess.crop
+        self.shapes = {"frame_indices": ((t,), np.int64), "timestamps": ((t,), np.float64),
+                       "frames": ((t, s, s, 3), np.uint8)}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from pipeline.decode import DecodeError
-        from pipeline.sampling import cut_segments
-
-        rows = _empty_rows()
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         for i in range(len(batch["source"])):
-            source, sha = str(batch["source"][i]), str(batch["sha256"][i])
-            have = set(json.loads(str(batch["have_segments"][i])))
-            t0 = time.perf_counter()
-            try:
-                video = self.proc.decode(source, self.sampling, resize_crop=self.preprocess,
-                                         storage_options=self.storage_options)
-            except DecodeError as e:
-                _append(rows, failure=failure_record(sha256=sha, source=source, stage="decode", error=e.reason,
-                                                     message=str(e)))
-                continue
-            except Exception as e:  # a decoder bug must cost one video, not the job
-                _append(rows, failure=failure_record(sha256=sha, source=source, stage="decode",
-                                                     error=type(e).__name__, message=str(e)))
-                continue
-            segments = cut_segments(len(video.indices), self.sampling)
-            if not segments:
-                _append(rows, failure=failure_record(
-                    sha256=sha, source=source, stage="sampling", error="too_short", retryable=False,
-                    message=f"{len(video.indices)} sampled frames < one segment of "
-                            f"{self.sampling.segment_frames}, and short videos are dropped"))
-                continue
-            decode_s = (time.perf_counter() - t0) / len(segments)
-            for seg_no, pos in enumerate(segments):
-                if seg_no in have:
-                    continue
-                frames = np.ascontiguousarray(video.frames[pos])
-                blob = encode_frames(frames, self.storage.frame_encoding, self.storage.jpeg_quality)
-                meta = {
-                    "sample_key": sample_key(sha, seg_no), "video_sha256": sha, "source": source,
-                    "video_id": str(batch["video_id"][i]), "labels": json.loads(str(batch["labels"][i])),
-                    "segment": seg_no, "segments_total": len(segments),
-                    "frame_indices": [int(x) for x in video.indices[pos]],
-                    "timestamps": [float(x) for x in video.timestamps[pos]],
-                    "padded": bool(len(set(pos.tolist())) < len(pos)),
-                    "decoder": video.decoder, "fps": float(video.fps), "num_frames": int(video.num_frames),
-                    "rotation": int(video.rotation or 0), "video_size": int(batch["size"][i]),
-                    "video_mtime": float(batch["mtime"][i]), "decode_s": decode_s,
-                }
-                _append(rows, sample_key=meta["sample_key"], frames_blob=blob, meta=json.dumps(meta))
-        return rows
+            for rows in self.video_rows(_WorkRow(batch, i)):
+                yield to_batch(rows, self.shapes)
+
+    def video_rows(self, work: _WorkRow) -> Iterator[list[SegmentRow]]:
+        """Lists of rows for one video: its segments as they become complete, and at most one failure."""
+        from pipeline.decode import DecodeError
+
+        video = _VideoSegments(self, work)
+        try:
+            yield from video.run()
+        except DecodeError as e:
+            yield [SegmentRow.failure(Failure(work.sha, work.source, "decode", e.reason, e.message))]
+        except Exception as e:  # a decoder bug must cost one video, not the job
+            log.exception("decode stage failed on %s", work.source)
+            yield [SegmentRow.failure(Failure(work.sha, work.source, "decode", "decoder_error",
+                                              f"{type(e).__name__}: {e}"))]
 
     def __del__(self) -> None:
         proc = getattr(self, "proc", None)
@@ -108,64 +90,220 @@ class DecodeStage:
             proc.close()
 
 
+class _WorkRow:
+    """One input row of the work list (pipeline.plan.WorkItem.to_row)."""
+
+    def __init__(self, batch: dict[str, np.ndarray], i: int):
+        from feature_store.names import decode_name
+
+        self.source, self.sha = str(batch["source"][i]), str(batch["sha256"][i])
+        raw = batch["source_raw"][i] if "source_raw" in batch else b""
+        self.source_raw = bytes(raw) if raw is not None else b""
+        # the name to open: a non-UTF-8 name travels as its bytes (Arrow holds UTF-8 text only)
+        self.path = decode_name(self.source, self.source_raw or None)
+        self.video_id, self.labels_json = str(batch["video_id"][i]), str(batch["labels"][i])
+        self.size, self.mtime = int(batch["size"][i]), float(batch["mtime"][i])
+        self.have = set(json.loads(str(batch["have_segments"][i])))
+
+
+class _VideoSegments:
+    """Turns one video's decode stream into SegmentRows, as soon as each one is complete."""
+
+    def __init__(self, stage: DecodeStage, work: _WorkRow):
+        from pipeline.sampling import SegmentCutter
+
+        self.stage, self.work = stage, work
+        self.cutter = SegmentCutter(stage.sampling)
+        self.plan: Any = None  # StreamPlan: segments leave at once; None: they wait for StreamEnd
+        self.held: list[SegmentRow] = []
+        self.busy_s = 0.0
+
+    def run(self) -> Iterator[list[SegmentRow]]:
+        from pipeline.decode import DecodeError, FrameChunk, StreamEnd, StreamPlan
+        from pipeline.sampling import count_segments
+
+        events = self.stage.proc.stream(self.work.path, self.stage.sampling, resize_crop=self.stage.preprocess,
+                                        storage_options=self.stage.storage_options)
+        t0 = time.perf_counter()
+        for ev in events:
+            if isinstance(ev, StreamPlan):
+                self.plan = ev
+            elif isinstance(ev, FrameChunk):
+                rows = self._rows(self.cutter.push(ev.frames, ev.indices, ev.timestamps))
+                if rows:
+                    yield self._timed(rows, t0)
+                    t0 = time.perf_counter()
+            elif isinstance(ev, StreamEnd):
+                if self.plan is not None and count_segments(ev.sampled, self.stage.sampling) != self._planned():
+                    raise DecodeError("decoder_error", f"{self.work.source}: {ev.sampled} frames decoded, "
+                                                       f"{self.plan.sampled_total} announced")
+                yield from self._finish(ev, t0)
+
+    def _planned(self) -> int:
+        from pipeline.sampling import count_segments
+
+        return count_segments(self.plan.sampled_total, self.stage.sampling)
+
+    def _finish(self, end: Any, t0: float) -> Iterator[list[SegmentRow]]:
+        from pipeline.sampling import count_segments
+
+        total = count_segments(end.sampled, self.stage.sampling)
+        rows = self._rows(self.cutter.finish(), facts=end, total=total)
+        for r in self.held:  # PyAV: the count and the stream's facts are known only now
+            r.segments_total, r.decoder, r.fps, r.num_frames, r.rotation = (
+                total, end.decoder, float(end.fps), int(end.num_frames), int(end.rotation or 0))
+        rows = [r for r in self.held + rows if r.segment not in self.work.have]
+        if total == 0:
+            seg = self.stage.sampling.segment_frames
+            yield [SegmentRow.failure(Failure(self.work.sha, self.work.source, "sampling", "too_short",
+                                              f"{end.sampled} sampled frames < one segment of {seg}, "
+                                              f"and short videos are dropped", retryable=False))]
+        elif rows:
+            for r in rows:
+                if r.frames is None:
+                    r.frames = self._stored(r.frames_blob)
+            yield self._timed(rows, t0)
+
+    def _rows(self, segments: list, facts: Any = None, total: int = 0) -> list[SegmentRow]:
+        """New segments as rows: sent on now when the count is known, else held as encoded bytes."""
+        facts = facts or self.plan
+        out = []
+        for seg_no, pos, (frames, indices, times) in segments:
+            if seg_no in self.work.have:
+                continue
+            blob = encode_frames(np.ascontiguousarray(frames), self.stage.storage.frame_encoding,
+                                 self.stage.storage.jpeg_quality)
+            row = self._row(seg_no, pos, indices, times, blob, facts)
+            if facts is None:
+                self.held.append(row)
+                continue
+            row.segments_total = total or self._planned()
+            row.frames = self._stored(blob)
+            out.append(row)
+        return out
+
+    def _row(self, seg_no: int, pos: np.ndarray, indices: np.ndarray, times: np.ndarray, blob: bytes,
+             facts: Any) -> SegmentRow:
+        w = self.work
+        return SegmentRow(
+            video_sha256=w.sha, source=w.source, source_raw=w.source_raw, sample_key=sample_key(w.sha, seg_no), video_id=w.video_id,
+            labels_json=w.labels_json, segment=seg_no, padded=bool(len(set(pos.tolist())) < len(pos)),
+            decoder=facts.decoder if facts else "", fps=float(facts.fps) if facts else 0.0,
+            num_frames=int(facts.num_frames) if facts else 0, rotation=int(facts.rotation or 0) if facts else 0,
+            video_size=w.size, video_mtime=w.mtime, decode_node=self.stage.node, frames_blob=blob,
+            frame_indices=np.asarray(indices, np.int64),
+            timestamps=np.asarray(times, np.float64))
+
+    def _stored(self, blob: bytes) -> np.ndarray:
+        """The frames as stored: what a reader of the shard gets back, and so what the teacher must see."""
+        return decode_frames(blob, self.stage.storage.frame_encoding, self.stage.sampling.segment_frames)
+
+    @staticmethod
+    def _timed(rows: list[SegmentRow], t0: float) -> list[SegmentRow]:
+        share = (time.perf_counter() - t0) / len(rows)
+        for r in rows:
+            r.decode_s = share
+        return rows
+
+
+class TeacherMismatch(RuntimeError):
+    """The weights an actor loaded are not the ones the KEY was defined with."""
+
+
 class TeacherStage:
-    """Run the teacher on the stored (decoded) frames of a batch of segments. The model loads once."""
+    """Embed the stored frames of a batch of segments (from any videos). The model loads once per actor."""
 
     def __init__(self, teacher: dict, *, size: int | None, device: str, precision: str, batch_size: int,
-                 storage: dict, segment_frames: int, cpu_threads: int = 0):
+                 storage: dict, segment_frames: int, cpu_threads: int = 0, expect: dict | None = None):
         import torch
 
         from feature_store.teacher import load_teacher
 
         if cpu_threads > 0:  # a CPU teacher: Ray pins actors to one thread unless told otherwise
             torch.set_num_threads(cpu_threads)
-
         self.teacher = load_teacher(TeacherSpec(**teacher), size=size, device=device, precision=precision)
+        check_teacher(self.teacher, expect or {})
         self.batch_size = batch_size
         self.storage = StorageSpec(**storage)
         self.t = segment_frames
+        self.node = node_id()
+        self.failed: set[str] = set()  # videos this actor already reported as failed (one row per video)
+        dtype = np.dtype(self.storage.target_dtype)
+        self.shapes: dict[str, tuple[tuple[int, ...], Any]] = {
+            "frame_indices": ((self.t,), np.int64), "timestamps": ((self.t,), np.float64),
+            "targets": ((self.t, self.teacher.embed_dim), dtype)}
+        g = self.teacher.spec.patch_grid
+        if g > 0:
+            self.shapes["patches"] = ((self.t, g, g, self.teacher.patch_dim), dtype)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        n = len(batch["sample_key"])
-        out = {c: [batch[c][i] for i in range(n)] for c in ROW_COLUMNS if c in batch}
-        out.setdefault("targets_blob", [b""] * n)
-        out.setdefault("patches_blob", [b""] * n)
-        out["targets_blob"], out["patches_blob"] = [b""] * n, [b""] * n
-        ok = [i for i in range(n) if not batch["failure"][i]]
-        if not ok:
-            return out
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = from_batch(batch)
+        ok = [r for r in rows if not r.failed]
+        if ok:
+            try:
+                self._embed(ok)
+            except Exception as e:  # a teacher failure fails the batch's videos, recorded, not the job
+                log.warning("teacher failed on a batch of %d segments: %s", len(ok), e)
+                for r in ok:
+                    r.error, r.stage, r.message = _teacher_error(e), "teacher", f"{type(e).__name__}: {e}"
+                rows = [r for r in rows if not (r.failed and r.stage == "teacher" and r.video_sha256 in self.failed)]
+                self.failed.update(r.video_sha256 for r in ok)
+        for r in rows:
+            r.frames = None  # the writer stores the encoded frames; the pixels stop here
+        return to_batch(one_failure_per_video(rows), self.shapes)
+
+    def _embed(self, rows: list[SegmentRow]) -> None:
         t0, wall0 = time.perf_counter(), time.time()
-        try:
-            frames = np.concatenate([decode_frames(bytes(batch["frames_blob"][i]), self.storage.frame_encoding,
-                                                   self.t) for i in ok])
-            embeds, patches = [], []
-            for s in range(0, len(frames), self.batch_size):
-                res = self.teacher.embed(frames[s:s + self.batch_size])
-                embeds.append(res.embeds.numpy())
-                if res.patch_grid is not None:
-                    patches.append(res.patch_grid.numpy())
-        except Exception as e:  # a teacher failure on a batch fails its videos, recorded, not the job
-            for i in ok:
-                meta = json.loads(str(batch["meta"][i]))
-                out["failure"][i] = failure_record(sha256=meta["video_sha256"], source=meta["source"],
-                                                   stage="teacher", error=type(e).__name__, message=str(e))
-            return out
-        emb32 = np.concatenate(embeds).astype(np.float32)
-        stored = emb32.astype(self.storage.target_dtype)
-        centred = emb32 - emb32.mean(0, keepdims=True)
-        cos = _cos(stored.astype(np.float32) - emb32.mean(0, keepdims=True), centred)
-        grid = np.concatenate(patches).astype(self.storage.target_dtype) if patches else None
-        teacher_s = (time.perf_counter() - t0) / len(ok)
-        for j, i in enumerate(ok):
+        frames = np.concatenate([r.frames for r in rows])
+        embeds, grid = self._embed_frames(frames)
+        stored = embeds.astype(self.storage.target_dtype)
+        mean = embeds.mean(0, keepdims=True)
+        cos = _cos(stored.astype(np.float32) - mean, embeds - mean)
+        share, wall1 = (time.perf_counter() - t0) / len(rows), time.time()
+        for j, r in enumerate(rows):
             sl = slice(j * self.t, (j + 1) * self.t)
-            out["targets_blob"][i] = npy_bytes(stored[sl])
-            if grid is not None:
-                out["patches_blob"][i] = npy_bytes(grid[sl])
-            meta = json.loads(str(batch["meta"][i]))
-            meta.update(teacher_s=teacher_s, fid_n=self.t, fid_sum=float(cos[sl].sum()), fid_min=float(cos[sl].min()),
-                        teacher_span=[wall0, time.time()])
-            out["meta"][i] = json.dumps(meta)
-        return out
+            r.targets = stored[sl]
+            r.patches = grid[sl].astype(self.storage.target_dtype) if grid is not None else None
+            r.teacher_s, r.teacher_t0, r.teacher_t1, r.teacher_node = share, wall0, wall1, self.node
+            r.fid_n, r.fid_sum, r.fid_min = self.t, float(cos[sl].sum()), float(cos[sl].min())
+
+    def _embed_frames(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 embeddings (and patch grid) of all frames; an out-of-memory batch is retried at half size."""
+        import torch
+
+        try:
+            out = self.teacher.embed_batched(frames, self.batch_size)
+        except torch.OutOfMemoryError:
+            if self.teacher.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("teacher out of memory at batch %d; retrying at %d", self.batch_size, self.batch_size // 2)
+            out = self.teacher.embed_batched(frames, max(1, self.batch_size // 2))
+        grid = out.patch_grid.numpy() if out.patch_grid is not None else None
+        return out.embeds.numpy().astype(np.float32), grid
+
+
+def check_teacher(teacher: Any, expect: dict) -> None:
+    """Refuse weights, embedding size or output other than the KEY's (keys: fingerprint, embed_dim,
+    output_used; a key left out is not checked)."""
+    found = {"fingerprint": teacher.fingerprint, "embed_dim": teacher.embed_dim, "output_used": teacher.output_used}
+    wrong = {k: (v, found[k]) for k, v in expect.items() if v is not None and found[k] != v}
+    if wrong:
+        detail = "; ".join(f"{k}: the KEY has {want!r}, this actor loaded {got!r}" for k, (want, got) in wrong.items())
+        raise TeacherMismatch(f"teacher {teacher.spec.model} is not the KEY's teacher ({detail})")
+
+
+def _teacher_error(e: Exception) -> str:
+    import torch
+
+    return "oom" if isinstance(e, torch.OutOfMemoryError) else "teacher_error"
+
+
+def one_failure_per_video(rows: list[SegmentRow]) -> list[SegmentRow]:
+    """The batch's rows with the failed ones of a video folded into one row, and its other segments dropped
+    (they would be stored for a video recorded as failed)."""
+    failed = {f.video_sha256 or f.source: f for f in failure_rows(rows)}
+    out = [r for r in rows if not r.failed and (r.video_sha256 or r.source) not in failed]
+    return out + [SegmentRow.failure(f) for f in failed.values()]
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -173,46 +311,72 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (a * b).sum(1) / np.maximum(den, 1e-30), 1.0)
 
 
+# The index row fields a sample's metadata gives (pipeline.results.INDEX_ROW adds shard, labels_json, source_raw).
 INDEX_FIELDS = ("sample_key", "video_sha256", "video_id", "source", "segment", "segments_total", "frame_indices",
-                "timestamps", "labels", "num_frames", "decoder", "video_size", "video_mtime")
+                "timestamps", "num_frames", "decoder", "video_size", "video_mtime")
+WRITE_RETRIES = 4  # attempts of one shard write
+WRITE_BACKOFF_S = 0.5  # first wait; doubles after each failed attempt
 
 
 def write_shard_batch(batch: dict[str, np.ndarray], *, root: str, storage_options: dict, key: str, run_id: str,
-                      storage: dict) -> dict[str, list]:
-    """Write the samples of a batch as one shard; return one payload row for the shard and one per failure."""
-    store_spec = StorageSpec(**storage)
-    payloads: list[str] = []
-    samples, rows = [], []
-    stats, fidelity = TargetStats(), Fidelity()
-    timing = {"decode_s": 0.0, "teacher_s": 0.0, "write_s": 0.0}
-    span: list[float] | None = None  # wall-clock start of the first and end of the last teacher call
-    for i in range(len(batch["sample_key"])):
-        if batch["failure"][i]:
-            payloads.append(json.dumps({"failure": json.loads(str(batch["failure"][i]))}))
-            continue
-        meta = json.loads(str(batch["meta"][i]))
-        targets = np.load(io.BytesIO(bytes(batch["targets_blob"][i])), allow_pickle=False)
-        patches_blob = bytes(batch["patches_blob"][i])
-        patches = np.load(io.BytesIO(patches_blob), allow_pickle=False) if patches_blob else None
-        timing["decode_s"] += meta.pop("decode_s", 0.0)
-        timing["teacher_s"] += meta.pop("teacher_s", 0.0)
-        t0, t1 = meta.pop("teacher_span", (None, None))
-        if t0 is not None:
-            span = [min(span[0], t0), max(span[1], t1)] if span else [t0, t1]
-        fidelity = fidelity.merge(Fidelity(meta.pop("fid_n"), meta.pop("fid_sum"), meta.pop("fid_min")))
-        stats = stats.merge(TargetStats.of(targets))
-        samples.append(build_sample(meta["sample_key"], bytes(batch["frames_blob"][i]), store_spec.frame_encoding,
-                                    targets, meta, patches))
-        rows.append({k: meta[k] for k in INDEX_FIELDS})
+                      storage: dict, backoff_s: float = WRITE_BACKOFF_S) -> pa.Table:
+    """Write the samples of a batch as one shard; return one typed result row (pipeline.results) for the shard
+    and one per failed video."""
+    rows = from_batch(batch)
+    samples = [r for r in rows if not r.failed]
+    failures = failure_rows(rows)
+    results: list[WriterResult] = []
     if samples:
-        t0 = time.perf_counter()
-        record = FeatureStore(root, storage_options).write_shard(key, run_id, samples)
-        timing["write_s"] = time.perf_counter() - t0
-        for r in rows:
-            r["shard"] = record.name
-        payloads.append(json.dumps({"shard": record.__dict__, "rows": rows, "stats": stats.__dict__,
-                                    "fidelity": fidelity.__dict__, "timing": timing, "teacher_span": span}))
-    return {"payload": payloads}
+        try:
+            results.append(_write_samples(samples, FeatureStore(root, storage_options), key, run_id,
+                                          StorageSpec(**storage), backoff_s))
+        except Exception as e:  # storage still down after the retries: these videos failed, not the job
+            log.warning("shard write failed for %d samples: %s", len(samples), e)
+            failures += failure_rows([SegmentRow.failure(Failure(r.video_sha256, r.source, "write", "write_error",
+                                                                 f"{type(e).__name__}: {e}")) for r in samples])
+    results += [WriterResult(failure=f) for f in {f.video_sha256 or f.source: f for f in failures}.values()]
+    return results_table(results)
+
+
+def _index_row(r: SegmentRow, meta: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: meta[k] for k in INDEX_FIELDS}, "labels_json": r.labels_json, "source_raw": r.source_raw or None}
+
+
+def _write_samples(samples: list[SegmentRow], store: FeatureStore, key: str, run_id: str, spec: StorageSpec,
+                   backoff_s: float) -> WriterResult:
+    stats, fidelity = TargetStats(), Fidelity()
+    built, index_rows = [], []
+    for r in samples:
+        meta = r.sample_meta()
+        stats = stats.merge(TargetStats.of(r.targets))
+        fidelity = fidelity.merge(Fidelity(r.fid_n, r.fid_sum, r.fid_min))
+        built.append(build_sample(r.sample_key, r.frames_blob, spec.frame_encoding, r.targets, meta, r.patches))
+        index_rows.append(_index_row(r, meta))
+    t0 = time.perf_counter()
+    record = _with_backoff(lambda: store.write_shard(key, run_id, built), backoff_s)
+    timing = {"decode_s": sum(r.decode_s for r in samples), "teacher_s": sum(r.teacher_s for r in samples),
+              "write_s": time.perf_counter() - t0}
+    for row in index_rows:
+        row["shard"] = record.name
+    spans = [(r.teacher_t0, r.teacher_t1) for r in samples if r.teacher_t1]
+    window = (min(s[0] for s in spans), max(s[1] for s in spans)) if spans else None
+    nodes = {"decode": sorted({r.decode_node for r in samples} - {""}),
+             "teacher": sorted({r.teacher_node for r in samples} - {""}), "write": [n for n in [node_id()] if n]}
+    return WriterResult(shard=record, stats=stats, fidelity=fidelity, timing=timing, teacher_window=window,
+                        index_rows=index_rows, nodes=nodes)
+
+
+def _with_backoff(fn: Any, backoff_s: float, tries: int = WRITE_RETRIES) -> Any:
+    """fn(), retried on storage errors (OSError: network, throttling, a full disk) with doubling waits."""
+    for attempt in range(tries):
+        try:
+            return fn()
+        except OSError as e:
+            if attempt == tries - 1:
+                raise
+            log.warning("storage error (attempt %d of %d), retrying: %s", attempt + 1, tries, e)
+            time.sleep(backoff_s * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 class WriteStage:
@@ -224,5 +388,5 @@ class WriteStage:
 
         self.kwargs = kwargs
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         return write_shard_batch(batch, **self.kwargs)

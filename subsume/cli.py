@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retry every failed video once more, whatever the failure ledger says")
     r.add_argument("--decode-timeout", type=float, default=300.0,
                    help="seconds one video may take to decode before its decoder is killed (default 300)")
+    lim = p.add_argument_group("limits per video (a video over one is recorded as failed with the reason; 0 lifts it)")
+    lim.add_argument("--max-duration", type=float, default=3 * 3600.0, metavar="SECONDS",
+                     help="longest video (default 10800, 3 hours): too_long")
+    lim.add_argument("--max-video-frames", type=int, default=648_000, metavar="N",
+                     help="most frames in a video (default 648000, 3 hours at 60 fps): too_long")
+    lim.add_argument("--max-file-size", type=float, default=16.0, metavar="GB",
+                     help="largest file, in GiB (default 16): too_large")
+    lim.add_argument("--max-aspect", type=float, default=4.0, metavar="RATIO",
+                     help="longest side over shortest side of a frame (default 4): bad_aspect")
     r.add_argument("--batch-size", type=int, default=64, help="frames per teacher forward pass (default 64)")
     r.add_argument("--teacher-actors", type=int, default=None,
                    help="teacher actor pool size (default: one per GPU; on CPU one single-threaded actor per core)")
@@ -219,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "RAY_ADDRESS's cluster or starts a local one)")
     f = store_action("failures", "failed videos of a KEY with reasons and what the next run does", with_key=True)
     f.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    store_action("runs", "the KEY's extraction runs: when, nodes, videos, failures by reason, versions committed",
+                 with_key=True)
     store_action("upgrade", "convert a KEY written by store format 1 to format 2 (once)", with_key=True)
     s = store_action("gc", "remove leftovers of killed jobs and expired versions; optionally whole KEYs",
                      with_key=False)

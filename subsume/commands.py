@@ -121,9 +121,16 @@ def extract_config(args: argparse.Namespace):
         decode_timeout=args.decode_timeout, batch_size=args.batch_size, teacher_actors=args.teacher_actors,
         decode_concurrency=args.decode_concurrency, samples_per_shard=args.samples_per_shard,
         commit_every_shards=args.commit_every, max_in_flight=args.max_in_flight,
-        object_store_memory_gb=args.object_store_memory,
+        object_store_memory_gb=args.object_store_memory, decode_limits=_decode_limits(args),
         device=args.device, dry_run=args.dry_run, storage_options=args.storage_options,
         progress=not args.quiet)
+
+
+def _decode_limits(args: argparse.Namespace):
+    from pipeline.decode import DecodeLimits
+
+    return DecodeLimits(max_duration_s=args.max_duration, max_frames=args.max_video_frames,
+                        max_file_bytes=int(args.max_file_size * 2**30), max_aspect=args.max_aspect)
 
 
 def cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
@@ -407,6 +414,24 @@ def cmd_store_failures(args: argparse.Namespace) -> dict[str, Any]:
         for r in rows:
             print(f"  {r['source']}  {r['error']} ({r['cause']}, {r['attempts']} runs) -> {r['next_run']}: {r['why']}")
     return {"key": args.key, "failures": [{c: r.get(c) for c in cols} for r in rows]}
+
+
+def cmd_store_runs(args: argparse.Namespace) -> dict[str, Any]:
+    from feature_store.runs import list_runs
+    from feature_store.store import KeyNotFound
+
+    try:
+        runs = list_runs(_store(args), args.key)
+    except KeyNotFound as e:
+        raise CliError(str(e)) from e
+    if not args.json:
+        print(f"{len(runs)} runs in {args.key}")
+        for r in runs:
+            nodes = len([n for n in r.get("nodes", []) if n.get("alive")])
+            print(f"  {r.get('run_id')}  ok={r.get('videos_ok')} failed={r.get('videos_failed')} "
+                  f"frames={r.get('frames_computed')} versions={r.get('versions_committed')} nodes={nodes} "
+                  f"failures={r.get('failures_by_reason')}")
+    return {"key": args.key, "runs": runs}
 
 
 def cmd_store_upgrade(args: argparse.Namespace) -> dict[str, Any]:

@@ -146,14 +146,14 @@ def sample_videos(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A real S3 endpoint: moto's server on 127.0.0.1 (conditional writes included)."""
-    from moto.server import ThreadedMotoServer
+    """A real S3 endpoint: moto's server on 127.0.0.1 (conditional writes included), in a child process:
+    delta-rs holds the GIL while it waits on S3, so a server thread in this process could not answer it."""
+    from tests.storehelpers import moto_server_process
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    endpoint, proc = moto_server_process()
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
 
 
 S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

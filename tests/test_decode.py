@@ -13,7 +13,9 @@ import pytest
 
 import pipeline.decode as decode_mod
 from feature_store.spec import PreprocessSpec, SamplingSpec
-from pipeline.decode import DecodedVideo, DecodeError, DecoderProcess, DecodeTimeout, decode_video
+from pipeline.decode import DecodedVideo, DecodeError, DecodeLimits, DecodeTimeout, decode_video
+from pipeline.decoder_process import DecoderProcess
+from tests import decode_stubs
 from tests import videos as V
 
 N = 20  # frames in the regular test videos, at 10 fps
@@ -179,8 +181,7 @@ def test_auto_prefers_decord(vids):
     assert decode_video(str(vids["h264.mp4"]), SamplingSpec(fps=5)).decoder == "decord"
 
 
-def test_unknown_and_test_only_decoders_are_refused(vids, monkeypatch):
-    monkeypatch.delenv(decode_mod.TEST_DECODERS_ENV, raising=False)
+def test_unknown_decoders_are_refused(vids):
     for name in ("ffmpeg-cli", "sleep:0", "crash"):
         with pytest.raises(ValueError):
             decode_video(str(vids["h264.mp4"]), EVERY_FRAME, decoder=name)
@@ -254,9 +255,9 @@ def test_damaged_frames_in_the_middle_are_skipped(vids):
 
 def test_frames_above_max_pixels_are_rejected(vids):
     with pytest.raises(DecodeError) as err:
-        decode_video(str(vids["h264.mp4"]), EVERY_FRAME, max_pixels=V.W * V.H - 1)
+        decode_video(str(vids["h264.mp4"]), EVERY_FRAME, limits=DecodeLimits(max_pixels=V.W * V.H - 1))
     assert err.value.reason == "too_large" and f"{V.W}x{V.H}" in err.value.message
-    assert len(decode_video(str(vids["h264.mp4"]), EVERY_FRAME, max_pixels=V.W * V.H).frames) == N
+    assert len(decode_video(str(vids["h264.mp4"]), EVERY_FRAME, limits=DecodeLimits(max_pixels=V.W * V.H)).frames) == N
 
 
 # --- remote sources ------------------------------------------------------------------------------------
@@ -305,13 +306,12 @@ def test_decoder_process_returns_what_decode_video_returns(vids):
             proc.decode(str(vids["text.mp4"]), EVERY_FRAME)
         assert err.value.reason == "not_a_video" and proc.pid == pid and proc.restarts == 0
         workdir = proc._workdir
-        assert os.listdir(workdir) == []  # frame files are removed once loaded
+        assert os.listdir(workdir) == []  # nothing is left on disk between videos
     assert not os.path.exists(workdir) and proc.pid is None
 
 
-def test_decoder_process_timeout_kills_the_child_and_the_next_decode_works(vids, monkeypatch):
-    monkeypatch.setenv(decode_mod.TEST_DECODERS_ENV, "1")  # inherited by the spawned child
-    with DecoderProcess(timeout_s=60) as proc:
+def test_decoder_process_timeout_kills_the_child_and_the_next_decode_works(vids):
+    with DecoderProcess(timeout_s=60, decode_fn=decode_stubs.stand_in) as proc:
         assert markers(proc.decode(str(vids["h264.mp4"]), SamplingSpec(fps=5))) == list(range(0, N, 2))
         first = proc._process
         start = time.monotonic()
@@ -338,3 +338,155 @@ def test_decoder_process_timeout_kills_the_child_and_the_next_decode_works(vids,
 def test_decoder_process_refuses_fork():
     with pytest.raises(ValueError):
         DecoderProcess(start_method="fork")
+
+
+# --- limits --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("decoder", ["auto", *DECODERS])
+@pytest.mark.parametrize("limits, reason", [
+    (DecodeLimits(max_duration_s=1.0), "too_long"),  # the 20-frame videos last 2 s
+    (DecodeLimits(max_frames=N - 1), "too_long"),
+    (DecodeLimits(max_file_bytes=100), "too_large"),
+    (DecodeLimits(max_aspect=1.2), "bad_aspect"),  # 64 x 48 is 1.33
+])
+def test_each_cap_refuses_with_its_reason_and_lifts_at_zero(vids, limits, reason, decoder):
+    path = str(vids["h264.mkv"])
+    with pytest.raises(DecodeError) as err:
+        decode_video(path, EVERY_FRAME, limits=limits, decoder=decoder)
+    assert err.value.reason == reason and "max_" in err.value.message
+    lifted = DecodeLimits(max_duration_s=0, max_frames=0, max_file_bytes=0, max_aspect=0, max_pixels=0)
+    assert len(decode_video(path, EVERY_FRAME, limits=lifted, decoder=decoder).frames) == N
+
+
+def test_pyav_checks_the_caps_while_decoding_when_the_header_says_nothing(vids, monkeypatch):
+    # AVI from PyAV has no container duration; cap the frames PyAV counts as it decodes.
+    monkeypatch.setattr(decode_mod, "_probe", lambda path, limits: decode_mod._Probe(V.W, V.H, 0))
+    with pytest.raises(DecodeError) as err:
+        decode_video(str(vids["mjpeg.avi"]), EVERY_FRAME, decoder="pyav", limits=DecodeLimits(max_frames=5))
+    assert err.value.reason == "too_long"
+
+
+def test_default_limits_pass_ordinary_videos_and_refuse_a_panorama(tmp_path):
+    wide = V.write_video(tmp_path / "wide.mp4", V.marked_frames(3, width=256, height=32), fps=10)
+    with pytest.raises(DecodeError) as err:
+        decode_video(str(wide), EVERY_FRAME)
+    assert err.value.reason == "bad_aspect"
+    assert len(decode_video(str(wide), EVERY_FRAME, limits=DecodeLimits(max_aspect=8)).frames) == 3
+
+
+# --- streaming -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_iter_decode_streams_bounded_chunks_then_a_summary(vids, decoder, monkeypatch):
+    monkeypatch.setattr(decode_mod, "CHUNK_FRAMES", 3)
+    events = list(decode_mod.iter_decode(str(vids["h264.mp4"]), EVERY_FRAME, decoder=decoder))
+    chunks = [e for e in events if isinstance(e, decode_mod.FrameChunk)]
+    plans = [e for e in events if isinstance(e, decode_mod.StreamPlan)]
+    assert isinstance(events[-1], decode_mod.StreamEnd) and events[-1].sampled == N
+    assert all(len(c.frames) <= 3 for c in chunks) and len(chunks) == 7
+    assert [m for c in chunks for m in V.read_markers(c.frames)] == list(range(N))
+    # decord knows the count before it decodes; PyAV finds it out at the end
+    assert [p.sampled_total for p in plans] == ([N] if decoder == "decord" else [])
+    if decoder == "decord":
+        assert events[0] == decode_mod.StreamPlan(N, "decord", events[-1].fps, N, 0)
+
+
+def test_pyav_carries_on_after_decord_fails_part_way(vids, monkeypatch):
+    """decord yields some chunks, then fails: PyAV continues after the last frame already yielded."""
+    monkeypatch.setattr(decode_mod, "CHUNK_FRAMES", 4)
+    real = decode_mod._open_decord
+
+    class FailsLater:
+        def __init__(self, reader):
+            self.reader, self.calls = reader, 0
+
+        def get_batch(self, idx):
+            self.calls += 1
+            if self.calls > 2:
+                raise RuntimeError("simulated read error")
+            return self.reader.get_batch(idx)
+
+        def __len__(self):
+            return len(self.reader)
+
+    def flaky(path, threads, limits):
+        reader, ts, fps = real(path, threads, limits)
+        return FailsLater(reader), ts, fps
+
+    monkeypatch.setattr(decode_mod, "_open_decord", flaky)
+    video = decode_video(str(vids["h264.mp4"]), EVERY_FRAME, decoder="auto")
+    assert video.decoder == "decord+pyav"
+    assert markers(video) == list(range(N)) == video.indices.tolist()
+
+
+def test_a_remote_file_over_the_size_cap_is_refused_before_it_is_copied(vids, tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/capped/h264.mp4", vids["h264.mp4"].read_bytes())
+    try:
+        copies = tmp_path / "copies"
+        copies.mkdir()
+        with pytest.raises(DecodeError) as err:
+            decode_video("memory://capped/h264.mp4", EVERY_FRAME, tmp_dir=str(copies),
+                         limits=DecodeLimits(max_file_bytes=1000))
+        assert err.value.reason == "too_large" and list(copies.iterdir()) == []
+    finally:
+        fs.rm("/capped", recursive=True)
+
+
+def test_a_remote_file_that_does_not_fit_the_temp_folder_is_an_io_failure(vids, tmp_path, monkeypatch):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/full/h264.mp4", vids["h264.mp4"].read_bytes())
+    monkeypatch.setattr(decode_mod, "TMP_HEADROOM_BYTES", 2**62)
+    try:
+        with pytest.raises(DecodeError) as err:
+            decode_video("memory://full/h264.mp4", EVERY_FRAME, tmp_dir=str(tmp_path))
+        assert err.value.reason == "io" and err.value.reason in decode_mod.TRANSIENT
+    finally:
+        fs.rm("/full", recursive=True)
+
+
+def test_decoder_process_streams_chunks_and_reports_the_childs_peak_memory(vids):
+    with DecoderProcess(timeout_s=60) as proc:
+        events = list(proc.stream(str(vids["h264.mp4"]), EVERY_FRAME))
+        assert events[0] == decode_mod.StreamPlan(N, "decord", events[-1].fps, N, 0)
+        chunks = [e for e in events if isinstance(e, decode_mod.FrameChunk)]
+        assert len(chunks) == 2 and [m for c in chunks for m in V.read_markers(c.frames)] == list(range(N))
+        assert 10 * 2**20 < proc.child_peak_rss < 2**33
+
+
+def test_an_abandoned_stream_restarts_the_child_and_the_next_video_is_clean(vids):
+    with DecoderProcess(timeout_s=60) as proc:
+        stream = proc.stream(str(vids["h264.mp4"]), EVERY_FRAME)
+        next(stream), next(stream)  # the plan and the first chunk; the child still owes the rest
+        stream.close()
+        assert proc.restarts == 1
+        assert markers(proc.decode(str(vids["mjpeg.avi"]), EVERY_FRAME)) == list(range(N))
+
+
+def test_a_child_dying_mid_stream_is_a_crash_after_the_chunks_it_sent(vids):
+    with DecoderProcess(timeout_s=60, decode_fn=decode_stubs.crash_after_first_chunk) as proc:
+        got = []
+        with pytest.raises(DecodeError) as err:
+            for event in proc.stream(str(vids["h264.mp4"]), EVERY_FRAME):
+                got.append(event)
+        assert err.value.reason == "crashed" and proc.restarts == 1
+        assert [type(e).__name__ for e in got] == ["StreamPlan", "FrameChunk"]
+
+
+def test_decoder_process_reads_an_s3_video_through_a_capped_temp_copy(vids, s3_env, s3_endpoint):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).upload_file(str(vids["h264.mp4"]), s3_env, "v/h264.mp4")
+    url = f"s3://{s3_env}/v/h264.mp4"
+    with DecoderProcess(timeout_s=60) as proc:  # the child inherits the AWS_* settings of this process
+        assert markers(proc.decode(url, SamplingSpec(fps=5))) == list(range(0, N, 2))
+        assert os.listdir(proc._workdir) == []  # the temp copy is gone with its video
+    size = vids["h264.mp4"].stat().st_size
+    with DecoderProcess(timeout_s=60, limits=DecodeLimits(max_file_bytes=size - 1)) as proc:
+        with pytest.raises(DecodeError) as err:
+            proc.decode(url, SamplingSpec(fps=5))
+        assert err.value.reason == "too_large" and os.listdir(proc._workdir) == []

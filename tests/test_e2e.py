@@ -27,18 +27,6 @@ from tests.conftest import VENV_BIN, cli_env, run_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto in a child process: this test also opens the store in-process, and delta-rs holds the GIL while it
-    waits for S3, so conftest's threaded in-process server could not answer it."""
-    from tests.storehelpers import moto_server_process
-
-    endpoint, proc = moto_server_process()
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
 EXTRACT = ["--fps", "12", "--segment-frames", "8", "--samples-per-shard", "4", "--json", "--quiet"]
 
 

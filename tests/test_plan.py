@@ -96,8 +96,11 @@ def test_cpu_actor_plan_fits_the_cluster_and_gives_the_teacher_the_cores(cpus):
 
     p = plan_actors(cpus, 0)
     assert p.teacher_gpus == 0 and p.teacher_actors == cpus and p.teacher_threads == 1
-    # every actor of both pools can be placed at once, or the pipeline would wait for CPUs forever
-    assert p.decode_actors * p.decode_cpus + p.teacher_actors * p.teacher_cpus <= cpus + 1e-9
+    # every actor of the three pools can be placed at once, or the pipeline would wait for CPUs forever; writers
+    # reserve CPU, so Ray never places one on a 0-CPU head node
+    assert p.writer_cpus > 0 and p.writer_actors >= 1
+    assert (p.decode_actors * p.decode_cpus + p.teacher_actors * p.teacher_cpus
+            + p.writer_actors * p.writer_cpus <= cpus + 1e-9)
 
 
 def test_gpu_actor_plan_and_user_overrides():
@@ -105,11 +108,12 @@ def test_gpu_actor_plan_and_user_overrides():
 
     gpu = plan_actors(16, 2)
     assert (gpu.teacher_actors, gpu.teacher_gpus, gpu.teacher_threads) == (2, 1.0, 0)
-    assert gpu.decode_actors == 15 and gpu.decode_actors * gpu.decode_cpus + 2 * gpu.teacher_cpus <= 16
+    assert gpu.writer_actors == 4 and gpu.decode_actors == 14
+    assert gpu.decode_actors * gpu.decode_cpus + 2 * gpu.teacher_cpus + 4 * gpu.writer_cpus <= 16
     assert plan_actors(16, 2, "cpu").teacher_gpus == 0  # --device cpu keeps the teacher off the GPUs
     one = plan_actors(8, 0, teacher_actors=1, decode_concurrency=2)
-    assert (one.teacher_actors, one.decode_actors, one.teacher_threads) == (1, 2, 8)
-    assert one.decode_actors * one.decode_cpus + one.teacher_cpus <= 8
+    assert (one.teacher_actors, one.decode_actors, one.writer_actors, one.teacher_threads) == (1, 2, 2, 7)
+    assert one.decode_actors * one.decode_cpus + one.teacher_cpus + one.writer_actors * one.writer_cpus <= 8
 
 
 def test_steady_rate_is_the_frames_over_the_teacher_window():
@@ -117,3 +121,35 @@ def test_steady_rate_is_the_frames_over_the_teacher_window():
 
     assert steady_rate(400, [(10.0, 12.0), (11.0, 14.0)]) == 400 / 4.0
     assert steady_rate(400, []) is None
+
+
+def test_a_folder_or_glob_listing_brings_size_and_mtime_so_no_video_is_stat_on_its_own(tmp_path, monkeypatch):
+    import pipeline.extract as extract
+    from pipeline.sources import list_videos, stat_video
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.mp4").write_bytes(b"12345")
+    (tmp_path / "y.avi").write_bytes(b"1")
+    for src in (str(tmp_path), str(tmp_path / "*.avi")):
+        refs = list_videos(src)
+        assert refs and all(r.stat == stat_video(r.source) for r in refs)
+
+    def no_stat(*a, **kw):
+        raise AssertionError("a serial stat per video")
+
+    monkeypatch.setattr(extract, "stat_video", no_stat)
+    inputs = extract.identify_videos(list_videos(str(tmp_path)), None, {}, lambda: None)
+    assert [(v.video_id, v.size) for v in inputs] == [("a/x", 5), ("y", 1)] and all(v.sha256 for v in inputs)
+
+
+def test_the_work_list_is_cut_in_blocks_of_at_most_a_few_hundred_videos_and_shuffled():
+    from pipeline.extract import VIDEOS_PER_BLOCK, work_blocks, work_rows
+    from pipeline.plan import Plan, WorkItem
+
+    assert work_blocks(3, 2) == 3 and work_blocks(100, 2) == 8
+    assert 100_000 / work_blocks(100_000, 2) <= VIDEOS_PER_BLOCK
+    plan = Plan(compute=[WorkItem(f"/d/{i // 50}/{i}.mp4", str(i), {}, str(i), 1, 1.0) for i in range(500)])
+    rows = work_rows(plan, "run-1")
+    assert sorted(r["source"] for r in rows) == sorted(w.source for w in plan.compute)
+    assert [r["source"] for r in rows] != [w.source for w in plan.compute]  # not in folder order
+    assert rows == work_rows(plan, "run-1")

@@ -9,16 +9,7 @@ import pytest
 from feature_store.maintenance import gc, verify
 from feature_store.reader import iter_samples
 from feature_store.store import FeatureStore
-from tests.storehelpers import add_video, moto_server_process, small_spec
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """Overrides the shared (threaded, in-process) moto server: see moto_server_process."""
-    endpoint, proc = moto_server_process()
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
+from tests.storehelpers import add_video, small_spec
 
 
 def test_store_round_trip_on_s3(s3_env):

@@ -181,3 +181,28 @@ def test_segments_are_int64_and_full_length():
             segs = cut_segments(n, spec)
             assert all(s.dtype == np.int64 and len(s) == 4 for s in segs)
             assert all(0 <= s.min() and s.max() < n for s in segs)
+
+
+# --- streaming segments --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overlap", [0, 1, 3])
+@pytest.mark.parametrize("short", ["pad", "drop"])
+@pytest.mark.parametrize("chunk", [1, 3, 5, 16])
+def test_segment_cutter_matches_cut_segments_for_any_chunking(overlap, short, chunk):
+    from pipeline.sampling import SegmentCutter, count_segments
+
+    spec = SamplingSpec(fps=4, segment_frames=4, overlap=overlap, short=short)
+    for n in [0, 1, 3, 4, 5, 7, 8, 9, 17, 30]:
+        values = np.arange(n) * 10
+        cutter = SegmentCutter(spec)
+        got = []
+        for s in range(0, n, chunk):
+            got += cutter.push(values[s:s + chunk], values[s:s + chunk] + 1)
+            assert all(len(b) <= spec.segment_frames + chunk for b in cutter._buf)  # bounded
+        got += cutter.finish()
+        want = cut_segments(n, spec)
+        assert len(want) == count_segments(n, spec)
+        assert [g[0] for g in got] == list(range(len(want)))
+        assert [g[1].tolist() for g in got] == [w.tolist() for w in want]
+        assert [g[2][0].tolist() for g in got] == [values[w].tolist() for w in want]
+        assert [g[2][1].tolist() for g in got] == [(values[w] + 1).tolist() for w in want]

@@ -374,3 +374,15 @@ def test_remote_code_runs_only_when_trusted(tmp_path):
     out = teacher.embed(frames)
     torch.testing.assert_close(out.embeds, tokens.amax(dim=1), atol=ATOL, rtol=0)
     assert out.patch_grid.shape == (2, 2, 2, 16)  # no prefix token: all 16 tokens are patches
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the overlapped host-to-device path runs only on CUDA")
+def test_overlapped_batches_on_cuda_equal_one_batch_at_a_time(saved):
+    from feature_store.spec import TeacherSpec as Spec
+
+    folder = saved[next(iter(saved))][0]
+    teacher = load_teacher(Spec(model=str(folder)), device="cuda")
+    frames = np.random.default_rng(0).integers(0, 256, (37, CROP, CROP, 3), dtype=np.uint8)
+    together = teacher.embed_batched(frames, 8).embeds
+    one_by_one = torch.cat([teacher.embed(frames[i:i + 8]).embeds for i in range(0, 37, 8)])
+    torch.testing.assert_close(together, one_by_one)
