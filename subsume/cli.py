@@ -81,14 +81,21 @@ def _add_feature_flags(p: argparse.ArgumentParser, *, for_lookup: bool = False, 
                    help="dtype of stored targets (default float16)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="subsume",
-        description="Teach video encoders from strong image models: run the image teacher once over your "
-                    "videos into a feature store, then train video students against the cached targets.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_decode_limits(p: argparse.ArgumentParser) -> None:
+    """Caps per video (a video over one fails with the reason; 0 lifts the cap)."""
+    lim = p.add_argument_group("limits per video (a video over one is recorded as failed with the reason; 0 lifts it)")
+    lim.add_argument("--max-duration", type=float, default=3 * 3600.0, metavar="SECONDS",
+                     help="longest video (default 10800, 3 hours): too_long")
+    lim.add_argument("--max-video-frames", type=int, default=648_000, metavar="N",
+                     help="most frames in a video (default 648000, 3 hours at 60 fps): too_long")
+    lim.add_argument("--max-file-size", type=float, default=16.0, metavar="GB",
+                     help="largest file, in GiB (default 16): too_large")
+    lim.add_argument("--max-aspect", type=float, default=4.0, metavar="RATIO",
+                     help="longest side over shortest side of a frame (default 4): bad_aspect")
 
-    # extract ---------------------------------------------------------------------------------------------
+
+def _add_extract(sub) -> None:
+    """`subsume extract`: decode, run the teacher once, write shards."""
     p = sub.add_parser("extract", help="decode videos, run the image teacher once, write shards to the store",
                        description="Decode videos, sample frames, run the image teacher in a Ray Data actor pool "
                                    "and write per-frame embeddings with the frames to the feature store. Videos "
@@ -112,15 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retry every failed video once more, whatever the failure ledger says")
     r.add_argument("--decode-timeout", type=float, default=300.0,
                    help="seconds one video may take to decode before its decoder is killed (default 300)")
-    lim = p.add_argument_group("limits per video (a video over one is recorded as failed with the reason; 0 lifts it)")
-    lim.add_argument("--max-duration", type=float, default=3 * 3600.0, metavar="SECONDS",
-                     help="longest video (default 10800, 3 hours): too_long")
-    lim.add_argument("--max-video-frames", type=int, default=648_000, metavar="N",
-                     help="most frames in a video (default 648000, 3 hours at 60 fps): too_long")
-    lim.add_argument("--max-file-size", type=float, default=16.0, metavar="GB",
-                     help="largest file, in GiB (default 16): too_large")
-    lim.add_argument("--max-aspect", type=float, default=4.0, metavar="RATIO",
-                     help="longest side over shortest side of a frame (default 4): bad_aspect")
+    _add_decode_limits(p)
     r.add_argument("--batch-size", type=int, default=64, help="frames per teacher forward pass (default 64)")
     r.add_argument("--teacher-actors", type=int, default=None,
                    help="teacher actor pool size (default: one per GPU; on CPU one single-threaded actor per core)")
@@ -143,13 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(handler="subsume.commands:cmd_extract")
 
-    # train -----------------------------------------------------------------------------------------------
+def _add_train(sub) -> None:
+    """`subsume train`: a student on a KEY's cached targets."""
     p = sub.add_parser("train", help="train a video student on cached teacher targets (Ray Train)",
                        description="Train a video student against the cached targets of a KEY with Ray Train. "
                                    "Running again with the same --out resumes that run; a new --out starts anew.")
     p.add_argument("--store", required=True, metavar="ROOT", help="store root (folder or fsspec URL)")
     p.add_argument("--key", default=None,
-                   help="feature KEY to train on; or give --teacher and sampling flags (or --config) to find it")
+                   help="feature KEY to train on; or give --features FILE (or --teacher and the sampling flags) to find it")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (metrics, checkpoints, exports)")
     p.add_argument("--config", default=None, metavar="YAML", help="run config file (see configs/)")
     p.add_argument("--features", default=None, metavar="YAML",
@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(handler="subsume.commands:cmd_train")
 
-    # eval ------------------------------------------------------------------------------------------------
+def _add_eval(sub) -> None:
+    """`subsume eval`: held-out accuracy of a checkpoint."""
     p = sub.add_parser("eval", help="kNN and linear-probe accuracy of a trained student on held-out samples",
                        description="Embed the held-out labelled samples of a KEY with the student and report kNN "
                                    "and linear-probe accuracy per label, beside the teacher's frame-averaged "
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(handler="subsume.commands:cmd_eval")
 
-    # embed -----------------------------------------------------------------------------------------------
+def _add_embed(sub) -> None:
+    """`subsume embed`: clip embeddings of new videos."""
     p = sub.add_parser("embed", help="write a trained student's clip embeddings for videos to Parquet")
     p.add_argument("--checkpoint", required=True, metavar="CK",
                    help="a checkpoint or a run folder (its latest checkpoint); local, Ray Train layout or s3://. "
@@ -205,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(handler="subsume.commands:cmd_embed")
 
-    # store -----------------------------------------------------------------------------------------------
+def _add_store(sub) -> None:
+    """`subsume store ...`: list, inspect, verify, clean."""
     p = sub.add_parser("store", help="list, inspect, verify and clean a feature store")
     ssub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     def store_action(name: str, help: str, with_key: bool) -> argparse.ArgumentParser:
@@ -242,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retain versions committed at or after TIME (ISO 8601, e.g. 2026-11-01T00:00:00Z)")
     s.add_argument("--keep", type=int, action="append", default=[], metavar="VERSION", help="retain this version")
 
-    # demo ------------------------------------------------------------------------------------------------
+def _add_demo(sub) -> None:
+    """`subsume demo`: the whole path on generated data."""
     p = sub.add_parser("demo", help="generate sample videos and a demo teacher, then extract, train and eval",
                        description="The whole path on the embedded default: sample videos it generates, a small "
                                    "local teacher, a local store.")
@@ -251,6 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the demo config's)")
     _add_common(p)
     p.set_defaults(handler="subsume.commands:cmd_demo")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="subsume",
+        description="Teach video encoders from strong image models: run the image teacher once over your "
+                    "videos into a feature store, then train video students against the cached targets.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_extract(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_embed(sub)
+    _add_store(sub)
+    _add_demo(sub)
     return parser
 
 
