@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import augment_consistency as consistency
+from benchmarks import augment_consistency as consistency
 from training import augment
 from training.config import AugmentConfig
 

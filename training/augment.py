@@ -18,7 +18,7 @@ Never offered, because they change what a label means: horizontal flip (left <->
 
 Everything here is a pure function of its inputs and a `torch.Generator` (deterministic given its seed).
 The measurement behind the docs table (the teacher's cosine between plain and augmented frames) is research
-code and lives outside the product: `python -m experiments.augment_consistency`.
+code and lives outside the product: `python -m benchmarks.augment_consistency`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 consistency (measured)"): the teacher's cosine between plain and augmented frames, per augmentation and
 strength. Research code, outside the packages the product imports; run from the repository root:
 
-    python -m experiments.augment_consistency --teacher FOLDER
+    python -m benchmarks.augment_consistency --teacher FOLDER
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ baseline (EMA target, no teacher) on the same KEY, seed and data order, logging 
 `eval_every` steps, and reports the first step at which each reaches `threshold` (mean over label columns
 and per label).
 
-    python -m experiments.compare --config configs/demo.yaml --store demo-work/store --key fk-... --out runs/compare
+    python -m benchmarks.compare --config configs/demo.yaml --store demo-work/store --key fk-... --out runs/compare
 """
 
 from __future__ import annotations
