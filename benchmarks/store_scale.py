@@ -191,7 +191,7 @@ def _list_log_s(root: str, key: str) -> float:
     return sig(float(np.median(times)))
 
 
-def _moto() -> tuple[str, subprocess.Popen]:
+def moto_server() -> tuple[str, subprocess.Popen]:
     import socket
     import urllib.request
 
@@ -218,7 +218,7 @@ def _backend(name: str, workdir: Path, sizes: tuple[int, ...], batch: int, commi
     if name == "s3":
         import boto3
 
-        endpoint, proc = _moto()
+        endpoint, proc = moto_server()
         creds = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
                  "AWS_ENDPOINT_URL": endpoint}
         os.environ.update(creds)

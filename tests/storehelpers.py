@@ -68,25 +68,8 @@ def add_video(store: FeatureStore, key: str, video: str, segments: int = 3, *, r
 
 def moto_server_process():
     """Start moto's S3 server in a child process; returns (endpoint, process). delta-rs holds the GIL while it
-    talks to S3, so an in-process (threaded) moto server could not answer it."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    talks to S3, so an in-process (threaded) moto server could not answer it. One starter for the tests and
+    the store_scale benchmark."""
+    from benchmarks.store_scale import moto_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            return endpoint, proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("moto server did not start")
+    return moto_server()
