@@ -30,7 +30,7 @@ decord, at realistic sizes; `--set FIELD=VALUE` changes one size (see `benchmark
 |---|---|---|
 | `cached_vs_online` | measured speed-up of training on cached targets over the teacher in the loop, divided by the ideal speed-up (teacher forward + student step) / student step, both measured alone per sample; the smaller of the two teachers' ratios | >= 0.9 |
 | `extraction` | Ray Data pipeline frames/s end to end (the largest scaling run's frames over its wall time plus Ray's start-up) over a plain single-process decode-teacher-write loop end to end (its model load included), the faster of one torch thread and all cores, median of `repeats` runs each (CPU; the steady-state ratio, over the teacher stage's working window, is reported beside it); over the bound of the slowest stage measured alone (GPU, where the pipeline runs) | >= 1 (CPU), >= 0.85 (GPU) |
-| `loader` | samples/s the shard reader delivers alone over samples/s the student step consumes | >= 3 |
+| `loader` | samples/s the training DataLoader (default loader workers, frames stored at 224 px) delivers alone over samples/s the student step consumes at 224 px; also the training loop's data-wait fraction | >= 3 |
 | `reuse` | wall time of a second extraction over the same videos over the first | <= 0.1 |
 | `storage` | mean centred cosine of float16 targets against the float32 teacher output (the lowest over teachers and the store's own record) | >= 0.9999 |
 | `scaling` | peak RSS of all the job's processes (driver, Ray, workers, decoder children) at the largest video count over the 1x count | <= 1.2 |
