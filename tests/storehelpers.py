@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 
 from feature_store.shards import build_sample, encode_frames, sample_key
 from feature_store.spec import FeatureSpec, PreprocessSpec, SamplingSpec, StorageSpec, TeacherSpec
@@ -73,3 +74,16 @@ def moto_server_process():
     from benchmarks.store_scale import moto_server
 
     return moto_server()
+
+
+# Fixtures for the store tests (import them by name into a test module).
+@pytest.fixture
+def store(tmp_path):
+    st = FeatureStore(str(tmp_path / "store"))
+    st.ensure_key(small_spec())
+    return st
+
+
+@pytest.fixture
+def key():
+    return small_spec().key

@@ -11,19 +11,9 @@ import webdataset as wds
 from feature_store.maintenance import gc, inspect, verify
 from feature_store.reader import SplitFilter, iter_samples, torch_dataset
 from feature_store.store import CommitBatch, FeatureStore, KeyNotFound, failure_id, table_rows
-from tests.storehelpers import S, T, D, add_video, small_spec, video_sha
+from tests.storehelpers import S, T, D, add_video, key, small_spec, store, video_sha  # noqa: F401 (fixtures)
 
 
-@pytest.fixture
-def store(tmp_path):
-    st = FeatureStore(str(tmp_path / "store"))
-    st.ensure_key(small_spec())
-    return st
-
-
-@pytest.fixture
-def key():
-    return small_spec().key
 
 
 def test_commit_publishes_a_version_in_delta_tables(store, key, tmp_path):

@@ -15,19 +15,9 @@ from feature_store import fsutil, tables
 from feature_store.maintenance import failures_report, gc, verify
 from feature_store.reader import iter_samples
 from feature_store.store import FeatureStore, FormatError, failure_id, table_rows
-from tests.storehelpers import add_video, make_samples, small_spec
+from tests.storehelpers import add_video, key, make_samples, small_spec, store  # noqa: F401 (fixtures)
 
 
-@pytest.fixture
-def store(tmp_path):
-    st = FeatureStore(str(tmp_path / "store"))
-    st.ensure_key(small_spec())
-    return st
-
-
-@pytest.fixture
-def key():
-    return small_spec().key
 
 
 def _all_keys(store, key):
