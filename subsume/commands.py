@@ -7,9 +7,21 @@ import argparse
 import json
 import os
 import sys
+from contextlib import contextmanager
 from typing import Any
 
 from subsume.cli import CliError
+
+
+@contextmanager
+def _missing_key_is_a_usage_error():
+    """A KEY that is not in the store is the user's to fix: exit 2 with the store's message."""
+    from feature_store.store import KeyNotFound
+
+    try:
+        yield
+    except KeyNotFound as e:
+        raise CliError(str(e)) from e
 
 
 def _err(msg: str) -> None:
@@ -336,12 +348,8 @@ def cmd_store_ls(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_store_inspect(args: argparse.Namespace) -> dict[str, Any]:
     from feature_store.maintenance import inspect
-    from feature_store.store import KeyNotFound
-
-    try:
+    with _missing_key_is_a_usage_error():
         info = inspect(_store(args), args.key)
-    except KeyNotFound as e:
-        raise CliError(str(e)) from e
     if not args.json:
         print(json.dumps(info, indent=2, default=str))
     return info
@@ -349,16 +357,12 @@ def cmd_store_inspect(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_store_verify(args: argparse.Namespace) -> dict[str, Any]:
     from feature_store.maintenance import verify
-    from feature_store.store import KeyNotFound
-
-    try:
+    with _missing_key_is_a_usage_error():
         if args.ray:
             import ray
 
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING")
         rep = verify(_store(args), args.key, args.version, sample=args.sample, on_ray=args.ray)
-    except KeyNotFound as e:
-        raise CliError(str(e)) from e
     out = {"key": rep.key, "version": rep.version, "ok": rep.ok, "shards_checked": rep.shards_checked,
            "samples_checked": rep.samples_checked, "problems": rep.problems, "notes": rep.notes}
     if not args.json:
@@ -374,8 +378,6 @@ def cmd_store_verify(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_store_gc(args: argparse.Namespace) -> dict[str, Any]:
     from feature_store.maintenance import gc
-    from feature_store.store import KeyNotFound
-
     from feature_store.retention import Retention
 
     since = None
@@ -384,10 +386,8 @@ def cmd_store_gc(args: argparse.Namespace) -> dict[str, Any]:
 
         since = dt.datetime.fromisoformat(args.keep_since.replace("Z", "+00:00")).timestamp()
     rule = Retention(keep_last=args.keep_last, keep_since=since, keep=tuple(args.keep))
-    try:
+    with _missing_key_is_a_usage_error():
         out = gc(_store(args), grace=args.grace, delete_keys=args.delete_key, retention=rule)
-    except KeyNotFound as e:
-        raise CliError(str(e)) from e
     if not args.json:
         print(f"removed {out['count']} leftovers" + "".join(f"\n  {p}" for p in out["removed"]))
     return out
@@ -395,12 +395,8 @@ def cmd_store_gc(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_store_failures(args: argparse.Namespace) -> dict[str, Any]:
     from feature_store.maintenance import failures_report
-    from feature_store.store import KeyNotFound
-
-    try:
+    with _missing_key_is_a_usage_error():
         rows = failures_report(_store(args), args.key)
-    except KeyNotFound as e:
-        raise CliError(str(e)) from e
     cols = ["source", "video_sha256", "stage", "error", "cause", "attempts", "last_attempt", "next_run", "why", "message"]
     if args.csv and not args.json:
         import csv
@@ -418,12 +414,8 @@ def cmd_store_failures(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_store_runs(args: argparse.Namespace) -> dict[str, Any]:
     from feature_store.runs import list_runs
-    from feature_store.store import KeyNotFound
-
-    try:
+    with _missing_key_is_a_usage_error():
         runs = list_runs(_store(args), args.key)
-    except KeyNotFound as e:
-        raise CliError(str(e)) from e
     if not args.json:
         print(f"{len(runs)} runs in {args.key}")
         for r in runs:
