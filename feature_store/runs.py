@@ -25,7 +25,7 @@ def write_run(store: FeatureStore, key: str, run_id: str, summary: dict[str, Any
 
 def list_runs(store: FeatureStore, key: str) -> list[dict[str, Any]]:
     """The KEY's run summaries, oldest first (run ids start with their UTC time)."""
-    if key not in store.keys():
+    if not store.has_key(key):
         raise KeyNotFound(f"no KEY {key} in {store.root}")
     folder = fsutil.join(store.key_path(key), RUNS_DIR)
     entries = sorted(e["name"] for e in fsutil.listdir(store.fs, folder) if e["name"].endswith(".json"))

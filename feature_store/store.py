@@ -97,6 +97,10 @@ class FeatureStore:
                 out.append(name)
         return sorted(out)
 
+    def has_key(self, key: str) -> bool:
+        """One existence check (its spec.json), not a listing of every KEY in the root."""
+        return key in self._specs or fsutil.exists(self.fs, fsutil.join(self.key_path(key), "spec.json"))
+
     def ensure_key(self, spec: FeatureSpec) -> str:
         """Create the KEY (or check the existing one) for writing: probe that the backend's exclusive create is
         exclusive, write spec.json once, create the three tables at version 0."""

@@ -288,7 +288,7 @@ def plan_run(cfg: ExtractConfig, store: FeatureStore, connect: Callable[[], None
     say(f"listing {cfg.videos}")
     refs = list_videos(cfg.videos, cfg.storage_options)
     say(f"listed {len(refs)} videos; identifying them against KEY {spec.key}")
-    snapshot = store.open(spec.key) if spec.key in store.keys() else None
+    snapshot = store.open(spec.key) if store.has_key(spec.key) else None
     failures = snapshot.failures if snapshot else FAILURES_SCHEMA.empty_table()
     inputs = identify_videos(refs, snapshot, cfg.storage_options, connect)
     say("planning")

@@ -164,7 +164,7 @@ def _print_extract_report(r: dict[str, Any]) -> None:
     if r.get("dry_run"):
         print(f"dry run for KEY {r['key']} in {r['store']}: {r['videos_total']} videos; would compute "
               f"{r['to_compute']} ({r['to_complete']} to complete), reuse {r['reused']} "
-              f"({r['frames_reused']} frames), skip {r['quarantined']} quarantined, {r['unreadable']} unreadable, "
+              f"({r['frames_reused']} frames), skip {len(r['quarantined'])} quarantined, {len(r['unreadable'])} unreadable, "
               f"{r['duplicates']} duplicates")
         return
     print(f"KEY {r['key']} (snapshot {r['version']}) in {r['store']}")
@@ -216,7 +216,7 @@ def _find_key(args: argparse.Namespace) -> str:
         spec = feature_spec_for(teacher, sampling, storage, size=size)
     except (OSError, ValueError) as e:
         raise CliError(f"cannot load {teacher.model} to find its KEY ({type(e).__name__}: {e}); {why}") from e
-    if spec.key in store.keys():
+    if store.has_key(spec.key):
         return spec.key
     run = f"--config {args.features}" if args.features else _flags_hint(args)
     raise CliError(f"no KEY in {args.store} matches these teacher and sampling settings (it would be {spec.key}; "
