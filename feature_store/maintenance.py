@@ -46,6 +46,7 @@ def verify(store: FeatureStore, key: str, version: int | None = None, *, sample:
     """Check a version: spec and KEY agree; the index and ledger digests equal the sum of their commits'
     recorded digests; every shard's size and sha256 against its record; every sample's arrays against the
     spec; every index row against the sample's own JSON. `sample` < 1 checks that fraction of shards."""
+    store.spec(key)  # no KEY at all is the caller's mistake (KeyNotFound), not a finding about a KEY
     try:
         if not store.tables(key).index.exists():
             raise FileNotFoundError(f"{store.tables(key).index.uri} is not a Delta table")

@@ -250,3 +250,11 @@ def test_verify_as_a_ray_job_finds_what_the_local_verify_finds(store, key, tmp_p
     local, distributed = verify(store, key), verify(store, key, on_ray=True)
     assert distributed.shards_checked == 3 and not distributed.ok
     assert sorted(x["kind"] for x in distributed.problems) == sorted(x["kind"] for x in local.problems)
+
+
+def test_store_verify_on_a_key_that_is_not_there_is_a_usage_error(store, key):
+    from tests.conftest import run_cli
+
+    add_video(store, key, "a", 1)
+    rc, _, err = run_cli(["store", "verify", store.root, "fk-not-there", "--json"], check=False)
+    assert rc == 2 and "no KEY 'fk-not-there'" in err
