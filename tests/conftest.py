@@ -22,6 +22,22 @@ VENV_BIN = Path(sys.executable).parent
 RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
+# Multi-minute cluster rehearsals. `make test` (kept under 15 minutes on 2 cores) leaves them to
+# `make test-heavy`; .ci/run runs both. Listed here, in one place, rather than in each file.
+HEAVY_TESTS = (
+    "tests/test_k8s_rehearsal.py::test_overlay_runs_as_deployed",
+    "tests/test_multinode.py::",
+    "tests/test_train_resume.py::",
+    "tests/test_concurrent_extract.py::",
+)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.nodeid.startswith(HEAVY_TESTS):
+            item.add_marker(pytest.mark.heavy)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
