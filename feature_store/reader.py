@@ -56,8 +56,9 @@ def open_shard(store: FeatureStore, key: str, shard: str):
 
 
 def iter_shard(store: FeatureStore, snapshot: Snapshot, shard: str, rows: dict[str, dict[str, Any]],
-               split: SplitFilter = SplitFilter()) -> Iterator[dict[str, Any]]:
-    """Samples of one shard that the snapshot lists (and the split keeps), decoded."""
+               split: SplitFilter = SplitFilter(), *, decode: bool = True) -> Iterator[dict[str, Any]]:
+    """Samples of one shard that the snapshot lists (and the split keeps), decoded (or, with decode=False,
+    still as their raw bytes under "raw": `decode_sample` finishes them)."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     encoding = snapshot.spec.storage.frame_encoding
@@ -66,10 +67,20 @@ def iter_shard(store: FeatureStore, snapshot: Snapshot, shard: str, rows: dict[s
             row = rows.get(raw["__key__"])
             if row is None or row["shard"] != shard or not split.keep(row["video_sha256"]):
                 continue
-            sample = parse_sample(raw, encoding)
+            sample = parse_sample(raw, encoding) if decode else {"sample_key": raw["__key__"], "raw": raw,
+                                                                   "frame_encoding": encoding}
             sample["video_sha256"] = row["video_sha256"]
             sample["labels"] = dict(row["labels"])
             yield sample
+
+
+def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """A sample read with decode=False, decoded: the same dict `iter_samples` yields by default."""
+    if "raw" not in sample:
+        return sample
+    out = parse_sample(sample["raw"], sample["frame_encoding"])
+    out["video_sha256"], out["labels"] = sample["video_sha256"], sample["labels"]
+    return out
 
 
 def partition(items: list, rank: int, world_size: int) -> list:
@@ -78,12 +89,13 @@ def partition(items: list, rank: int, world_size: int) -> list:
 
 def iter_samples(store: FeatureStore, snapshot: Snapshot, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
                  seed: int = 0, shuffle_buffer: int = 0, split: SplitFilter = SplitFilter(),
-                 worker_id: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
+                 worker_id: int = 0, num_workers: int = 1, decode: bool = True) -> Iterator[dict[str, Any]]:
     """One epoch of samples for one (node rank, loader worker), disjoint across both and deterministic.
 
     Shards are shuffled per epoch with `seed`, then dealt out by rank and loader worker. When there are
     fewer shards than readers, every reader opens every shard and keeps every n-th sample instead, so the
-    parts stay disjoint. A shuffle buffer then mixes samples across the reader's shards.
+    parts stay disjoint. A shuffle buffer then mixes samples across the reader's shards. With decode=False
+    samples stay raw bytes (`decode_sample` finishes one): a resumed reader skips consumed ones undecoded.
     """
     shards = list(snapshot.shard_names())
     random.Random(seed * 100_003 + epoch).shuffle(shards)
@@ -94,12 +106,12 @@ def iter_samples(store: FeatureStore, snapshot: Snapshot, *, rank: int = 0, worl
             mine = partition(shards, me, readers)
             rows = rows_by_key(snapshot, mine)
             for shard in mine:
-                yield from iter_shard(store, snapshot, shard, rows, split)
+                yield from iter_shard(store, snapshot, shard, rows, split, decode=decode)
         else:
             i = 0
             rows = rows_by_key(snapshot, shards)
             for shard in shards:
-                for sample in iter_shard(store, snapshot, shard, rows, split):
+                for sample in iter_shard(store, snapshot, shard, rows, split, decode=decode):
                     if i % readers == me:
                         yield sample
                     i += 1

@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 
 from feature_store.maintenance import gc, inspect, verify
-from feature_store.reader import SplitFilter, iter_samples, torch_dataset
+from feature_store.reader import SplitFilter, decode_sample, iter_samples, torch_dataset
 from feature_store.store import CommitBatch, FeatureStore, KeyNotFound, failure_id, table_rows
 from tests.storehelpers import S, T, D, add_video, key, small_spec, store, video_sha  # noqa: F401 (fixtures)
 
@@ -208,6 +208,39 @@ def test_heldout_split_is_by_video(store, key):
     held = list(iter_samples(store, snap, split=SplitFilter("heldout", 0.3)))
     assert len(train) + len(held) == 20 and held
     assert not {s["video_sha256"] for s in train} & {s["video_sha256"] for s in held}
+
+
+def test_undecoded_samples_decode_to_the_same_samples_in_the_same_order(store, key):
+    for i in range(4):
+        add_video(store, key, f"v{i}", 2)
+    snap = store.open(key)
+    kw = dict(epoch=2, seed=3, shuffle_buffer=3)
+    plain = list(iter_samples(store, snap, **kw))
+    raw = list(iter_samples(store, snap, decode=False, **kw))
+    assert [s["sample_key"] for s in raw] == [s["sample_key"] for s in plain]
+    assert "frames" not in raw[0]  # not decoded until asked
+    for a, b in zip(plain, map(decode_sample, raw)):
+        assert a.keys() == b.keys() and a["labels"] == b["labels"]
+        assert np.array_equal(a["frames"], b["frames"]) and np.array_equal(a["targets"], b["targets"])
+
+
+def test_a_resumed_loader_stream_skips_consumed_samples_without_decoding_them(store, key, monkeypatch):
+    import itertools
+
+    from feature_store import reader
+    from training.data import StreamPosition, StreamSpec, epoch_stream
+
+    for i in range(4):
+        add_video(store, key, f"v{i}", 2)
+    spec = StreamSpec(root=store.root, key=key, version=store.latest_version(key), storage_options={}, rank=0,
+                      world_size=1, seed=0, shuffle_buffer=4, heldout_fraction=0.0, batch_size=2, image_size=S)
+    straight = [s["sample_key"] for s, _, _ in itertools.islice(epoch_stream(spec, 0, 1, StreamPosition()), 8)]
+    decoded = []
+    real = reader.parse_sample
+    monkeypatch.setattr(reader, "parse_sample", lambda raw, enc: (decoded.append(raw["__key__"]), real(raw, enc))[1])
+    resumed = [s["sample_key"] for s, _, _ in itertools.islice(epoch_stream(spec, 0, 1, StreamPosition(0, 5)), 3)]
+    assert resumed == straight[5:8]
+    assert decoded == resumed  # the five consumed samples were read, never decoded
 
 
 def test_torch_dataset_yields_tensors(store, key):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from feature_store.reader import SplitFilter, iter_samples
+from feature_store.reader import SplitFilter, decode_sample, iter_samples
 from feature_store.store import FeatureStore
 
 
@@ -128,9 +128,10 @@ def epoch_stream(spec: StreamSpec, stream: int, streams: int, start: StreamPosit
         n = 0
         for n, sample in enumerate(iter_samples(store, snapshot, rank=spec.rank, world_size=spec.world_size,
                                                 epoch=epoch, seed=spec.seed, shuffle_buffer=spec.shuffle_buffer,
-                                                split=split, worker_id=stream, num_workers=streams), start=1):
-            if n > skip:  # the reader has no seek: consumed samples are read again, not trained on
-                yield sample, epoch, n
+                                                split=split, worker_id=stream, num_workers=streams,
+                                                decode=False), start=1):
+            if n > skip:  # the reader has no seek: consumed samples are read again, but never decoded
+                yield decode_sample(sample), epoch, n
         if n == 0:
             raise RuntimeError(f"rank {spec.rank} loader stream {stream} of {streams} got no training samples "
                                f"from {spec.key}: fewer training samples than readers? (lower loader.num_workers)")
