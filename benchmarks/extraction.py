@@ -8,7 +8,8 @@ same decode-teacher-write and (b) the bound set by the slowest stage measured al
   (`measure.marginal_rate`; noisier, a difference of two wall times); end to end = the largest run's frames
   over its wall time, with and without starting Ray; per stage = the pipeline's own busy time per stage.
 - Plain loop: `decode_video` (resize/crop in the decoder) -> `Teacher.embed` -> `encode_frames` /
-  `build_sample` -> `FeatureStore.write_shard`, one video at a time in this process; run on one torch
+  `build_sample` -> `FeatureStore.write_shard`, one video at a time in this process, over the same videos
+  as the largest pipeline run (so both end-to-end figures spread their start-up over the same frames); run on one torch
   thread and on torch's default, `repeats` times each (median), and the faster setting counts (the stronger
   baseline).
 - Stages alone, with the threads the pipeline gives them (one per 1-CPU actor on a CPU): decode (with the
@@ -168,9 +169,9 @@ def run(session: BenchSession, *, ray_free: bool = False) -> BenchResult:
     tries: dict[int, list[dict[str, Any]]] = {n: [] for n in sorted({1, session.default_threads})}
     for rep in range(cfg.repeats):
         for n in tries:
-            session.log(f"{NAME}: plain single-process loop over the 1x set, {n} torch thread(s), run {rep + 1}")
-            with torch_threads(n):
-                tries[n].append(plain_loop(session, session.manifest(1),
+            session.log(f"{NAME}: plain single-process loop over the {big}x set, {n} torch thread(s), run {rep + 1}")
+            with torch_threads(n):  # the same videos as the pipeline run it is compared with
+                tries[n].append(plain_loop(session, session.manifest(big),
                                            str(session.workdir / "stores" / f"plain-loop-{n}-{rep}")))
     loops = {n: sorted(runs, key=lambda r: r["frames_per_s"])[len(runs) // 2] for n, runs in tries.items()}
     plain = max(loops.values(), key=lambda r: r["frames_per_s"])
