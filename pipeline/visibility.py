@@ -57,15 +57,14 @@ def local_path(path: str) -> str:
 
 
 def pick_videos(items: Sequence[Any], k: int = VIDEOS_CHECKED) -> tuple[tuple[str, int], ...]:
-    """(source, listed size) of up to k local videos spread over the work list (first, last, evenly between).
-    `items` have `.source` and `.size` (the plan's work items)."""
-    local = [i for i in range(len(items)) if is_local(items[i].source)]
-    if not local or k <= 0:
+    """(source, listed size) of the local videos among k positions spread over the work list (the first, the
+    last, evenly between): a few lookups, whatever the list's length. `items` have `.source` and `.size`."""
+    n = min(k, len(items))
+    if n <= 0:
         return ()
-    n = min(k, len(local))
-    step = (len(local) - 1) / max(1, n - 1)
-    chosen = sorted({local[round(j * step)] for j in range(n)})
-    return tuple((local_path(items[i].source), int(items[i].size)) for i in chosen)
+    step = (len(items) - 1) / max(1, n - 1)
+    chosen = sorted({round(j * step) for j in range(n)})
+    return tuple((local_path(items[i].source), int(items[i].size)) for i in chosen if is_local(items[i].source))
 
 
 def make_probe(store_root: str, items: Sequence[Any], token: str | None = None) -> Probe | None:

@@ -3,14 +3,13 @@
 
 This module's cluster is its own (its own temp folder and GCS), apart from the shared session cluster of
 tests/conftest.py: the CLI joins it through RAY_ADDRESS, and this test process never calls ray.init on it.
-Kept small (tiny videos, one CPU per worker node): 2 cores run the whole cluster.
+Kept small (tiny videos, one CPU per worker node): 2 cores run the whole cluster. Covered: stages run on
+workers only; a lost worker node and a fresh one; a driver killed between commits and rerun; a worker node
+that cannot see the store root (its own mount namespace) refused before any compute.
 """
 
 from __future__ import annotations
 
-import json
-from collections import Counter
-import os
 import re
 import shutil
 import signal
@@ -18,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -201,6 +201,7 @@ def test_a_store_root_that_a_node_cannot_see_is_refused_up_front(cluster, sample
                                 "--store", str(store), *ARGS], cluster.address, check=False)
     finally:
         _stop(node)
+    print(err[-1500:])  # the refusal as a user sees it (pytest -s)
     assert rc == 2, err[-3000:]
     assert "cannot see this run's local paths" in err and str(store) in err and "shared" in err, err[-3000:]
     named = set(re.findall(r"node ([0-9a-f]{20,}) \(", err))

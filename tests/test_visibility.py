@@ -26,10 +26,12 @@ def test_local_and_remote_paths():
 
 
 def test_pick_videos_spreads_over_the_local_ones_and_skips_remote():
-    items = [Item(f"/v/{i}.mp4", i) for i in range(10)] + [Item("s3://b/x.mp4", 5)]
+    items = [Item(f"/v/{i}.mp4", i) for i in range(10)]
     picked = pick_videos(items, k=4)
     assert [p for p, _ in picked] == ["/v/0.mp4", "/v/3.mp4", "/v/6.mp4", "/v/9.mp4"]
     assert dict(picked)["/v/3.mp4"] == 3
+    mixed = [*items[:9], Item("s3://b/x.mp4", 5)]  # a remote one at a picked position is left out
+    assert [p for p, _ in pick_videos(mixed, k=4)] == ["/v/0.mp4", "/v/3.mp4", "/v/6.mp4"]
     assert pick_videos([Item("file:///v/a.mp4", 7)]) == (("/v/a.mp4", 7),)
     assert len(pick_videos(items[:3], k=4)) == 3  # fewer than k: all of them
     assert pick_videos([Item("s3://b/x.mp4", 5)]) == () and pick_videos([]) == ()
