@@ -59,8 +59,9 @@ def _run(session: BenchSession, cluster, store: Path, *, lose_node: bool) -> dic
     env = {**os.environ, **NODE_ENV, "RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1"}
     roles = {cluster.head_node.node_id: "head"}
     roles.update({n.node_id: f"worker-{i + 1}" for i, n in enumerate(cluster.worker_nodes)})
+    cmd = _cli(session, store)  # before the clock: it may generate the videos and build the teacher
     t0 = time.perf_counter()
-    proc = subprocess.Popen(_cli(session, store), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lost_at = None
     if lose_node:
         first = "*/tables/index/_delta_log/00000000000000000001.json"
