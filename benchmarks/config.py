@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 BENCHMARKS = ("cached_vs_online", "extraction", "loader", "reuse", "storage", "scaling", "store_scale",
-              "decode_memory")
+              "decode_memory", "multinode")
 # What the GPU preset can run on a machine without Ray, decord or webdataset.
 RAY_FREE_BENCHMARKS = ("cached_vs_online", "extraction", "storage")
 

@@ -27,6 +27,7 @@ from pipeline.records import Failure
 from pipeline.results import WriterResult
 from pipeline.stages import DecodeStage, TeacherStage, WriteStage
 from pipeline.tally import CommitCadence, Tally
+from pipeline.visibility import ensure_visible
 
 
 # Bytes to hash before a distributed job pays for itself: threads in the driver hash a local or object-store
@@ -340,6 +341,7 @@ class ExtractionRun:
         try:  # the lease must stop with the run, also when it fails (a long-lived caller goes on)
             if self.plan.compute:
                 connect()
+                ensure_visible(self.store.root, self.plan.compute)  # every node sees the local paths, or stop
                 ds = build_dataset(self.cfg, self.planned.spec, self.store, self.planned.key, self.run_id, self.plan)
                 for row in ds.iter_rows():
                     self._take(WriterResult.from_row(row), progress)

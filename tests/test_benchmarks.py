@@ -193,6 +193,17 @@ def test_marginal_rate_cancels_what_every_run_pays():
     assert marginal_rate(runs[:1]) is None and marginal_rate([(800, 20.0), (1600, 19.0)]) is None
 
 
+def test_extraction_end_to_end_note_says_where_the_time_went():
+    from benchmarks.extraction import _e2e_note, _outside_window
+
+    assert math.isclose(_outside_window(3000, 20.0, 200.0), 5.0)  # 15 s in the teacher's window, 5 s outside
+    assert _outside_window(3000, 20.0, None) is None
+    pipeline = {"wall_s": 20.0, "ray_start_s": 4.0, "outside_teacher_window_s": 5.0, "steady_frames_per_s": 200.0,
+                "frames": 3000}
+    note = _e2e_note(pipeline, {"startup_s": 0.1, "frames_per_s": 180.0})
+    assert "20.0 s run" in note and "4.0 s starting Ray" in note and "5.0 s lie outside" in note and "0.1 s" in note
+
+
 def test_centred_cosine_tells_float16_from_a_channel_mix_up():
     import torch
 
