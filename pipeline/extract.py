@@ -234,6 +234,7 @@ class Planned:
     inputs_total: int
     plan: Plan
     snapshot: Snapshot | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # planning steps: key, listing, joining, planning
 
     @property
     def key(self) -> str:
@@ -248,6 +249,7 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
     store = FeatureStore(cfg.store, cfg.storage_options)
     planned = plan_run(cfg, store, ray_link)
     base = {"store": cfg.store, "key": planned.key, "teacher": cfg.teacher.model, "videos_total": planned.inputs_total}
+    base["planning_s"] = planned.seconds
     if cfg.dry_run:
         return {**base, **dry_run_report(planned.plan)}
     store.ensure_key(planned.spec)
@@ -273,35 +275,45 @@ class _OnceConnect:
 def plan_run(cfg: ExtractConfig, store: FeatureStore, connect: Callable[[], None]) -> Planned:
     """List the videos (Arrow), join them against the KEY's index and failure ledger, and split them. Needs
     no Ray: new files are hashed later, by the decode stage (`connect` is kept for callers that pass it)."""
-    say = _stage_line(cfg.progress)
+    say = StageLines(cfg.progress)
+    say("key", "resolving the KEY (teacher fingerprint)")
     spec = resolve_feature_spec(cfg)
-    say(f"listing {cfg.videos}")
+    say("listing", f"listing {cfg.videos}")
     listing = listing_table(cfg.videos, cfg.storage_options)
-    say(f"listed {listing.num_rows} videos; joining them against KEY {spec.key}")
+    say("joining", f"listed {listing.num_rows} videos; joining them against KEY {spec.key}")
     snapshot = store.open(spec.key) if store.has_key(spec.key) else None
     failures = snapshot.failures if snapshot else FAILURES_SCHEMA.empty_table()
     listing = join_known(listing, index_for_sources(snapshot, listing.column("source")))
     listing = hash_failed_sources(listing, failures, cfg.storage_options)
     known = int(pc.sum(pc.not_equal(listing.column("sha256"), "")).as_py() or 0)
-    say(f"{known} known unchanged, {listing.num_rows - known} new or changed (hashed as they are decoded); planning")
+    say("planning", f"{known} known unchanged, {listing.num_rows - known} new or changed (hashed as they are "
+                    f"decoded); planning")
     plan = make_plan(listing, index_for_shas(snapshot, listing.column("sha256")), failures,
                      max_attempts=cfg.max_attempts, segment_frames=cfg.sampling.segment_frames,
                      retry_failed=cfg.retry_failed)
     summary = plan.summary()
-    say(f"planned: {summary['to_compute']} to compute ({summary['to_complete']} to complete), {plan.reused} reused, "
-        f"{len(plan.quarantined)} quarantined, {len(plan.unreadable)} unreadable, {plan.duplicates} duplicates")
-    return Planned(spec, listing.num_rows, plan, snapshot)
+    say("", f"planned: {summary['to_compute']} to compute ({summary['to_complete']} to complete), {plan.reused} "
+            f"reused, {len(plan.quarantined)} quarantined, {len(plan.unreadable)} unreadable, "
+            f"{plan.duplicates} duplicates")
+    return Planned(spec, listing.num_rows, plan, snapshot, say.seconds)
 
 
-def _stage_line(enabled: bool) -> Callable[[str], None]:
-    """Progress before the per-video bar: one timestamped line per step on stderr (quiet when disabled)."""
-    t0 = time.perf_counter()
+class StageLines:
+    """Progress before the per-video bar: one timestamped line per step on stderr (quiet when disabled), and
+    the seconds each step took (`seconds`: step -> s), which the run's report carries."""
 
-    def say(msg: str) -> None:
-        if enabled:
-            print(f"extract [{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    def __init__(self, enabled: bool):
+        self.enabled, self.t0 = enabled, time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self._step, self._since = "", self.t0
 
-    return say
+    def __call__(self, step: str, msg: str) -> None:
+        now = time.perf_counter()
+        if self._step:
+            self.seconds[f"{self._step}_s"] = round(now - self._since, 3)
+        self._step, self._since = step, now
+        if self.enabled:
+            print(f"extract [{now - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def dry_run_report(plan: Plan) -> dict[str, Any]:

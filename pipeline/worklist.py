@@ -65,8 +65,15 @@ class WorkList:
             from pyarrow.fs import FSSpecHandler, PyFileSystem
 
             fs = PyFileSystem(FSSpecHandler(self.store.fs))
-        # the store's own paths (no protocol): through its fsspec filesystem, with its storage options
-        return ray.data.read_parquet(self.files, filesystem=fs, override_num_blocks=len(self.files))
+        # The store's own paths (no protocol), through its fsspec filesystem with its storage options. Reading
+        # reserves no CPU, and goes through the datasource that lists files in the driver: Ray Data 2.60's
+        # default (V2) lists them in a 1-CPU task, which never runs once the stages' actors hold every CPU.
+        ctx = ray.data.DataContext.get_current()
+        v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+        try:
+            return ray.data.read_parquet(self.files, filesystem=fs, override_num_blocks=len(self.files), num_cpus=0)
+        finally:
+            ctx.use_datasource_v2 = v2
 
     def remove(self) -> None:
         if fsutil.exists(self.store.fs, self.path):
