@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .ledger import FAILURES_SCHEMA, LEDGER_SCHEMA, ledger_state
-from .records import INDEX_SCHEMA, SHARDS_SCHEMA, Fidelity, ShardRecord, TargetStats
+from .records import COPIES_SCHEMA, INDEX_SCHEMA, SHARDS_SCHEMA, Fidelity, ShardRecord, TargetStats
 from .spec import FeatureSpec, to_dict
 
 if TYPE_CHECKING:
@@ -73,6 +73,15 @@ class Snapshot:
         if ds is None:
             return schema.empty_table()
         return ds.to_table(columns=columns, filter=filter).cast(schema)
+
+    def copies(self, columns: list[str] | None = None, filter=None) -> pa.Table:  # noqa: A002
+        """Files recorded as copies of indexed content (COPIES_SCHEMA; the table's latest version, like the
+        ledger's state a run plans with), only `columns`, only rows matching `filter`."""
+        loc = self.store.tables(self.key).copies
+        schema = COPIES_SCHEMA if columns is None else pa.schema([COPIES_SCHEMA.field(c) for c in columns])
+        if self.version == 0 or not loc.exists():
+            return schema.empty_table()
+        return loc.open(fresh=True).to_pyarrow_dataset().to_table(columns=columns, filter=filter).cast(schema)
 
     @cached_property
     def _keys(self) -> pa.Table:

@@ -283,7 +283,9 @@ def plan_run(cfg: ExtractConfig, store: FeatureStore, connect: Callable[[], None
     say("joining", f"listed {listing.num_rows} videos; joining them against KEY {spec.key}")
     snapshot = store.open(spec.key) if store.has_key(spec.key) else None
     failures = snapshot.failures if snapshot else FAILURES_SCHEMA.empty_table()
-    listing = join_known(listing, index_for_sources(snapshot, listing.column("source")))
+    copies = snapshot.copies(["source", "video_size", "video_mtime", "video_sha256"],
+                             filter=pc.field("source").isin(pc.unique(listing.column("source")))) if snapshot else None
+    listing = join_known(listing, index_for_sources(snapshot, listing.column("source")), copies)
     listing = hash_failed_sources(listing, failures, cfg.storage_options)
     known = int(pc.sum(pc.not_equal(listing.column("sha256"), "")).as_py() or 0)
     say("planning", f"{known} known unchanged, {listing.num_rows - known} new or changed (hashed as they are "

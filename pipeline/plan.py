@@ -32,7 +32,9 @@ WORK_SCHEMA = pa.schema([
     ("have_segments", pa.list_(pa.int32())),  # already stored (a run killed mid-video)
     ("attempts", pa.int32()),  # failed attempts so far (ledger)
 ])
-PLANNED_SCHEMA = LISTING_SCHEMA.append(pa.field("sha256", pa.string()))
+# The listing after `join_known`: the content hash where known ("" otherwise), and whether the file is a
+# recorded copy (its bytes are indexed under another source: it is not reused under its own name).
+PLANNED_SCHEMA = LISTING_SCHEMA.append(pa.field("sha256", pa.string())).append(pa.field("known_copy", pa.bool_()))
 PLAN_COLUMNS = ["video_sha256", "segment", "segments_total", "source", "source_raw", "video_id", "labels",
                 "video_size", "video_mtime"]
 KNOWN_COLUMNS = ["source", "video_size", "video_mtime", "video_sha256"]
@@ -83,7 +85,8 @@ def inputs_table(inputs: list[VideoInput]) -> pa.Table:
     return pa.table({"source": source, "source_raw": raw, "video_id": [v.video_id for v in inputs],
                      "labels": [list(v.labels.items()) for v in inputs], "size": [v.size for v in inputs],
                      "mtime": [float(v.mtime) for v in inputs], "error": [v.error for v in inputs],
-                     "sha256": [v.sha256 for v in inputs]}, schema=PLANNED_SCHEMA)
+                     "sha256": [v.sha256 for v in inputs], "known_copy": [False] * len(inputs)},
+                    schema=PLANNED_SCHEMA)
 
 
 def index_for_sources(snapshot, sources: pa.Array) -> pa.Table:
@@ -130,21 +133,27 @@ def _take(table: pa.Table, rows: np.ndarray, column: str, default: Any, type_: p
     return pc.if_else(pa.array(rows < 0), pa.scalar(default, type_), taken)
 
 
-def join_known(listing: pa.Table, index: pa.Table) -> pa.Table:
-    """The listing with a `sha256` column: the hash the index holds for an unchanged file (same source, size
-    and mtime), "" otherwise. An Arrow join; the listing's order is kept."""
+def join_known(listing: pa.Table, index: pa.Table, copies: pa.Table | None = None) -> pa.Table:
+    """The listing with `sha256`: the hash the index (or the KEY's record of copies) holds for an unchanged
+    file (same source, size and mtime), "" otherwise; and `known_copy`. Arrow joins; the listing's order kept."""
     right = index.select(KNOWN_COLUMNS).filter(pc.greater(index.column("video_size"), 0))
     right = right.group_by(["source", "video_size", "video_mtime"]).aggregate([("video_sha256", "min")])
     rows = _lookup(listing, right, ["source", "size", "mtime"], ["source", "video_size", "video_mtime"])
     sha = _take(right, rows, "video_sha256_min", "", pa.string())
-    base = listing.drop_columns(["sha256"]) if "sha256" in listing.column_names else listing
-    return base.append_column("sha256", sha).select(PLANNED_SCHEMA.names)
+    copy = pa.array(np.zeros(listing.num_rows, bool))
+    if copies is not None and copies.num_rows:
+        known = copies.group_by(["source", "video_size", "video_mtime"]).aggregate([("video_sha256", "min")])
+        at = _lookup(listing, known, ["source", "size", "mtime"], ["source", "video_size", "video_mtime"])
+        copy = pa.array((at >= 0) & (rows < 0))
+        sha = pc.if_else(copy, _take(known, at, "video_sha256_min", "", pa.string()), sha)
+    base = listing.drop_columns([c for c in ("sha256", "known_copy") if c in listing.column_names])
+    return base.append_column("sha256", sha).append_column("known_copy", copy).select(PLANNED_SCHEMA.names)
 
 
 def known_hashes(stats: list[tuple[str, int, float]], index: pa.Table) -> list[str]:
     """`join_known` for a few (source, size, mtime) triples."""
     table = inputs_table([VideoInput(s, "", {}, size=z, mtime=m) for s, z, m in stats])
-    return join_known(table.drop_columns(["sha256"]), index).column("sha256").to_pylist()
+    return join_known(table, index).column("sha256").to_pylist()
 
 
 class _Ledger:
@@ -178,7 +187,11 @@ def make_plan(listing: pa.Table | list[VideoInput], index: pa.Table, failures: p
     _plan_unreadable(plan, listing.filter(pc.not_equal(listing.column("error"), "")), ledger)
     ok = listing.filter(pc.equal(listing.column("error"), ""))
     ok = ok.append_column("_i", pa.array(np.arange(ok.num_rows), pa.int64()))
-    known, dropped = first_per_key(ok.filter(pc.not_equal(ok.column("sha256"), "")), "sha256", "_i")
+    # one file per content: the indexed name first (a recorded copy only when its original is not listed)
+    rank = pc.add(ok.column("_i"), pc.multiply(pc.cast(ok.column("known_copy"), pa.int64()), ok.num_rows))
+    known, dropped = first_per_key(ok.filter(pc.not_equal(ok.column("sha256"), "")).append_column(
+        "_rank", rank.filter(pc.not_equal(ok.column("sha256"), ""))), "sha256", "_rank")
+    known = known.drop_columns(["_rank"])
     plan.duplicates = dropped.num_rows
     known = known.sort_by("_i")
     known = _with_segments(known, index)

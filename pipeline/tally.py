@@ -111,7 +111,7 @@ class Tally:
         self.counters: Counter = Counter()
         self.failures_by_reason: Counter = Counter()
         self.timing: Counter = Counter()
-        self.teacher_windows: list[tuple[float, float]] = []
+        self.teacher_windows: list[tuple[float, float]] = []  # one span: the first start, the last end
         self.inflight: dict[str, list] = {}  # sha -> [source, segments received]
         self.have = dict(partial or {})
         self.failed_before = set(retrying or ())  # their ledger entries clear on success
@@ -143,7 +143,8 @@ class Tally:
         for stage, nodes in r.nodes.items():
             self.stage_nodes[stage].update(nodes)
         if r.teacher_window:
-            self.teacher_windows.append(r.teacher_window)
+            spans = self.teacher_windows + [r.teacher_window]  # merged, so it stays one entry
+            self.teacher_windows = [(min(a for a, _ in spans), max(b for _, b in spans))]
         self.counters.update(samples_written=r.shard.count, bytes_written=r.shard.bytes, shards_written=1,
                              frames_computed=r.shard.count * self.segment_frames)
         return self._complete(r.store_rows(), batch)
@@ -153,9 +154,12 @@ class Tally:
         indexed = self.claims.indexed_under(sorted({r["video_sha256"] for r in rows} - set(self.inflight)))
         for row in rows:
             sha, src = row["video_sha256"], row["source"]
-            if not self._claim(sha, src, indexed.get(sha)):
+            verdict = self._claim(sha, src, indexed.get(sha))
+            if verdict != "keep":
                 self.counters["duplicate_rows"] += 1
-                self.counters["videos_duplicate"] += row["segment"] == 0  # once per duplicate video
+                if verdict == "copy" and row["segment"] == 0:  # once per duplicate file
+                    self.counters["videos_duplicate"] += 1
+                    batch.copies.append(_copy_row(row))
                 continue
             batch.rows.append(row)
             entry = self.inflight[sha]
@@ -169,16 +173,27 @@ class Tally:
         self.counters["videos_new_ok"] += finished
         return finished
 
-    def _claim(self, sha: str, src: str, indexed: set[str] | None) -> bool:
-        """True when this source's copy of `sha` is the one the index keeps (its row is booked)."""
+    def _claim(self, sha: str, src: str, indexed: set[str] | None) -> str:
+        """"keep": this source's copy of `sha` is the one indexed (its row is booked); "copy": another file's
+        bytes are indexed; "again": a row of a video this run already finished (a retried block's output)."""
         if sha in self.inflight:
-            return self.inflight[sha][0] == src
-        if self.claims.finished_by(sha):  # finished in this run: by another source, or a retried block's copy
-            return False
+            return "keep" if self.inflight[sha][0] == src else "copy"
+        finished = self.claims.finished_by(sha)
+        if finished:
+            return "again" if _src_hash(src) in finished else "copy"
         if indexed and src not in indexed:  # the KEY held this content under another name at planning
-            return False
+            return "copy"
         self.inflight[sha] = [src, 0]
-        return True
+        return "keep"
+
+
+def _copy_row(row: dict) -> dict:
+    """A duplicate file as the KEY records it (feature_store.records.COPIES_SCHEMA, less the run id)."""
+    from feature_store.names import encode_name
+
+    shown, raw = encode_name(row["source"])
+    return {"source": shown, "source_raw": raw, "video_size": row["video_size"], "video_mtime": row["video_mtime"],
+            "video_sha256": row["video_sha256"]}
 
 
 class CommitCadence:

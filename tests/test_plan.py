@@ -199,3 +199,19 @@ def test_the_work_list_is_parquet_in_blocks_of_at_most_a_few_hundred_videos_and_
         assert not (tmp_path / "k" / "_tmp" / "run-1" / "worklist").exists()
     assert sorted(orders[0]) == sorted(listing.column("source").to_pylist())
     assert orders[0] != listing.column("source").to_pylist() and orders[0] == orders[1]  # seeded, not folder order
+
+
+def test_a_recorded_copy_is_not_decoded_again_and_takes_over_when_its_original_is_gone():
+    from feature_store.records import COPIES_SCHEMA
+
+    index = rows_table([row("A", 0, 1, source="/v/a.mp4")], INDEX_SCHEMA)
+    copies = rows_table([{"source": "/v/copy.mp4", "video_size": 10, "video_mtime": 1.0, "video_sha256": "A"}],
+                        COPIES_SCHEMA)
+    both = plan_mod.inputs_table([vi("/v/copy.mp4", "", vid="copy"), vi("/v/a.mp4", "")])
+    plan = plan_mod.make_plan(plan_mod.join_known(both, index, copies), index, FAILURES_SCHEMA.empty_table(),
+                              max_attempts=3, segment_frames=4)
+    assert not plan.work.num_rows and plan.reused == 1 and plan.duplicates == 1 and not plan.metadata_updates
+    alone = plan_mod.inputs_table([vi("/v/copy.mp4", "", vid="copy")])  # the original was moved away
+    plan = plan_mod.make_plan(plan_mod.join_known(alone, index, copies), index, FAILURES_SCHEMA.empty_table(),
+                              max_attempts=3, segment_frames=4)
+    assert plan.reused == 1 and [u["source"] for u in plan.metadata_updates] == ["/v/copy.mp4"]

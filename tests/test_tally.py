@@ -86,9 +86,11 @@ def test_two_files_with_the_same_bytes_end_as_one_videos_rows_and_one_duplicate(
     assert tally.shard(shard("s2", (a, 0, 2), (a, 1, 2), source="/v/copy.mp4"), batch) == 0
     assert tally.shard(shard("s3", (a, 1, 2)), batch) == 1
     assert tally.shard(shard("s4", (a, 0, 2), source="/v/late-copy.mp4"), batch) == 0  # after "a" finished
+    assert tally.shard(shard("s5", (a, 0, 2)), batch) == 0  # a retried block's output: not a duplicate file
     assert sorted((r["video_sha256"][0], r["segment"], r["source"]) for r in batch.rows) == [
         ("a", 0, f"/v/{a}.mp4"), ("a", 1, f"/v/{a}.mp4"), ("b", 0, f"/v/{b}.mp4")]
     assert tally.counters["videos_duplicate"] == 2 and tally.counters["videos_new_ok"] == 2
+    assert [(c["source"], c["video_sha256"]) for c in batch.copies] == [("/v/copy.mp4", a), ("/v/late-copy.mp4", a)]
     assert not tally.inflight  # per-video state only while a video is in flight
 
 
