@@ -38,7 +38,7 @@ from benchmarks.report import BenchResult, Target, sig
 NAME = "ingest_scale"
 TARGET = Target(1.3, higher_is_better=False)
 # The benchmark's own cluster and its drivers: no token authentication (a local cluster; as the tests do)
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_agent_register_timeout_ms": "300000"}
 PER_FOLDER = 100
 SAMPLES_PER_SHARD = 64
 VIDEO_SIZE, VIDEO_FRAMES, SEGMENT = 32, 16, 8
@@ -191,17 +191,22 @@ def start_cluster(cpus: int = 4) -> tuple[str, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--num-cpus={cpus}", "--disable-usage-stats",
-                    f"--temp-dir={temp}"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=180, env={**os.environ, **RAY_ENV})
-    return f"127.0.0.1:{port}", temp
+    for attempt in range(3):  # a loaded machine can time a node's start-up out: try again
+        done = subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--num-cpus={cpus}",
+                               "--disable-usage-stats", f"--temp-dir={temp}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, timeout=300, env={**os.environ, **RAY_ENV})
+        if done.returncode == 0:
+            return f"127.0.0.1:{port}", temp
+        stop_cluster(temp, remove=False)
+    raise RuntimeError(f"ray start failed 3 times: {done.stderr[-2000:]}")
 
 
-def stop_cluster(temp: str) -> None:
+def stop_cluster(temp: str, remove: bool = True) -> None:
     """Stop only this cluster's processes (found by its temp dir), never every Ray on the machine."""
     import psutil
 
-    procs = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
+    procs = [p for p in psutil.process_iter(["cmdline"])
+             if temp in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid()]
     for p in procs:
         try:
             p.terminate()
@@ -213,7 +218,8 @@ def stop_cluster(temp: str) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    shutil.rmtree(temp, ignore_errors=True)
+    if remove:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------
