@@ -38,7 +38,8 @@ from benchmarks.report import BenchResult, Target, sig
 NAME = "ingest_scale"
 TARGET = Target(1.3, higher_is_better=False)
 # The benchmark's own cluster and its drivers: no token authentication (a local cluster; as the tests do)
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_agent_register_timeout_ms": "300000"}
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_agent_register_timeout_ms": "300000",
+           "RAY_raylet_start_wait_time_s": "300"}
 PER_FOLDER = 100
 SAMPLES_PER_SHARD = 64
 VIDEO_SIZE, VIDEO_FRAMES, SEGMENT = 32, 16, 8
@@ -188,11 +189,16 @@ def start_cluster(cpus: int = 4) -> tuple[str, str]:
 
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     temp = tempfile.mkdtemp(prefix="ray-ingest-", dir="/tmp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port = free_port()
     for attempt in range(3):  # a loaded machine can time a node's start-up out: try again
+        # the dashboard agent's fixed default port (52365) is taken by any other Ray on the machine
         done = subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--num-cpus={cpus}",
+                               f"--dashboard-agent-listen-port={free_port()}", "--include-dashboard=false",
                                "--disable-usage-stats", f"--temp-dir={temp}"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, timeout=300, env={**os.environ, **RAY_ENV})
         if done.returncode == 0:
