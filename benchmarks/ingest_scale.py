@@ -41,6 +41,7 @@ TARGET = Target(1.3, higher_is_better=False)
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_agent_register_timeout_ms": "300000",
            "RAY_raylet_start_wait_time_s": "300"}
 PER_FOLDER = 100
+LINKS_PER_INODE = 50_000
 SAMPLES_PER_SHARD = 64
 VIDEO_SIZE, VIDEO_FRAMES, SEGMENT = 32, 16, 8
 
@@ -58,17 +59,22 @@ def make_videos(folder: Path, n_new: int, fps: float, seed: int) -> tuple[list[P
 
 
 def build_corpus(root: Path, n: int, new: list[Path], known_from: Path) -> list[str]:
-    """root/new/*.mp4 (copies) and root/known/DDDDD/kNNNNNNN.mp4 (hardlinks); returns the known paths."""
+    """root/new/*.mp4 (copies) and root/known/DDDDD/kNNNNNNN.mp4 (hardlinks of ../base/*.mp4, copies of
+    `known_from`); returns the known paths."""
     (root / "new").mkdir(parents=True, exist_ok=True)
     for p in new:
         shutil.copyfile(p, root / "new" / p.name)
     known = []
     for i in range(n - len(new)):
+        if i % LINKS_PER_INODE == 0:  # a file system caps the links to one inode (ext4: 65,000)
+            base = root.parent / "base" / f"b{i // LINKS_PER_INODE:03d}.mp4"  # outside the listed folder
+            base.parent.mkdir(exist_ok=True)
+            shutil.copyfile(known_from, base)
         d = root / "known" / f"{i // PER_FOLDER:05d}"
         if i % PER_FOLDER == 0:
             d.mkdir(parents=True, exist_ok=True)
         path = d / f"k{i:08d}.mp4"
-        os.link(known_from, path)
+        os.link(base, path)
         known.append(str(path))
     return known
 
@@ -85,13 +91,14 @@ def seed_index(store_root: str, spec: Any, known: list[str]) -> str:
     store = FeatureStore(store_root)
     key = store.ensure_key(spec)
     t = store.tables(key)
-    st = stat_video(known[0])  # hardlinks: one inode, one size and mtime
+    stats = {}  # per inode: the links of one base file share its size and mtime
     for start in range(0, len(known), 50_000):
         part = known[start:start + 50_000]
         n = len(part)
         i = np.arange(start, start + n)
         sha = [hashlib.sha256(b"seed-%d" % k).hexdigest() for k in i]  # stand-ins, spread like real hashes
         shard = [f"shards/seed-{k // SAMPLES_PER_SHARD:08d}.tar" for k in i]
+        st = [stats.setdefault(os.stat(p).st_ino, stat_video(p)) for p in part]
         rows = pa.table({
             "sample_key": [f"{s[:32]}-s00000" for s in sha], "video_sha256": sha,
             "video_id": [Path(p).relative_to(Path(p).parents[2]).with_suffix("").as_posix() for p in part],
@@ -101,7 +108,7 @@ def seed_index(store_root: str, spec: Any, known: list[str]) -> str:
             "timestamps": pa.array([[x / 12 for x in range(SEGMENT)]] * n, pa.list_(pa.float64())),
             "labels": pa.array([[]] * n, pa.map_(pa.string(), pa.string())), "shard": shard,
             "num_frames": np.full(n, VIDEO_FRAMES, np.int32), "decoder": ["decord"] * n,
-            "video_size": np.full(n, st.size, np.int64), "video_mtime": np.full(n, st.mtime)}, schema=INDEX_SCHEMA)
+            "video_size": [x.size for x in st], "video_mtime": [x.mtime for x in st]}, schema=INDEX_SCHEMA)
         write_deltalake(t.index.uri, rows.to_batches(max_chunksize=512), mode="append",
                         storage_options=t.index.options)
         names = sorted(set(shard))

@@ -310,6 +310,7 @@ class StageLines:
         self._step, self._since = "", self.t0
 
     def __call__(self, step: str, msg: str) -> None:
+        pa.default_memory_pool().release_unused()  # a step's scratch goes back to the OS: peaks do not stack
         now = time.perf_counter()
         if self._step:
             self.seconds[f"{self._step}_s"] = round(now - self._since, 3)

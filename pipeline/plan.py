@@ -93,7 +93,7 @@ def index_for_sources(snapshot, sources: pa.Array) -> pa.Table:
     """The KEY version's (source, size, mtime, sha256) rows for the listed sources only (an Arrow filter)."""
     if snapshot is None or not len(sources):
         return INDEX_SCHEMA.empty_table().select(KNOWN_COLUMNS)
-    return snapshot.index_columns(KNOWN_COLUMNS, filter=pc.field("source").isin(pc.unique(sources)))
+    return snapshot.index_matching(KNOWN_COLUMNS, "source", pc.unique(sources))
 
 
 def index_for_listing(snapshot, stats: list[tuple[str, int, float]]) -> pa.Table:
@@ -105,7 +105,7 @@ def index_for_shas(snapshot, shas: pa.Array) -> pa.Table:
     shas = pc.unique(pc.drop_null(shas)).filter(pc.not_equal(pc.unique(pc.drop_null(shas)), ""))
     if snapshot is None or not len(shas):
         return INDEX_SCHEMA.empty_table().select(PLAN_COLUMNS)
-    return snapshot.index_columns(PLAN_COLUMNS, filter=pc.field("video_sha256").isin(shas))
+    return snapshot.index_matching(PLAN_COLUMNS, "video_sha256", shas)
 
 
 def index_for_inputs(snapshot, inputs: list[VideoInput]) -> pa.Table:
@@ -253,7 +253,14 @@ def _metadata_updates(plan: Plan, reused: pa.Table, index: pa.Table) -> None:
     joined = reused.select(["sha256", "source", "source_raw", "video_id", "labels", "size", "mtime"])
     for c in firsts.column_names[1:]:
         joined = joined.append_column(f"old_{c}", firsts.column(c).combine_chunks().take(pa.array(at)))
-    for batch in joined.to_batches(BATCH):
+    changed = pc.or_(pc.or_(pc.not_equal(joined.column("source"), joined.column("old_source")),
+                            pc.not_equal(joined.column("video_id"), joined.column("old_video_id"))),
+                     pc.or_(pc.not_equal(joined.column("size"), joined.column("old_video_size")),
+                            pc.not_equal(joined.column("mtime"), joined.column("old_video_mtime"))))
+    labelled = pc.or_(_has_entries(joined.column("labels")), _has_entries(joined.column("old_labels")))
+    maybe = pc.or_(pc.or_(pc.fill_null(changed, True), labelled),
+                   pc.or_(pc.is_valid(joined.column("source_raw")), pc.is_valid(joined.column("old_source_raw"))))
+    for batch in joined.filter(maybe).to_batches(BATCH):  # Python objects only where something may differ
         for r in batch.to_pylist():
             new = (decode_name(r["source"], r["source_raw"]), r["video_id"], dict(r["labels"]), r["size"], r["mtime"])
             old = (decode_name(r["old_source"], r["old_source_raw"]), r["old_video_id"], dict(r["old_labels"] or []),
@@ -261,6 +268,12 @@ def _metadata_updates(plan: Plan, reused: pa.Table, index: pa.Table) -> None:
             if new != old:
                 plan.metadata_updates.append({"video_sha256": r["sha256"], "source": new[0], "video_id": new[1],
                                               "labels": new[2], "video_size": new[3], "video_mtime": new[4]})
+
+
+def _has_entries(maps: pa.ChunkedArray) -> pa.ChunkedArray:
+    """True where a map<string, string> value has at least one entry."""
+    as_lists = maps.cast(pa.list_(pa.struct([("key", pa.string()), ("value", pa.string())])))
+    return pc.greater(pc.fill_null(pc.list_value_length(as_lists), 0), 0)
 
 
 def _work(rows: pa.Table, plan: Plan, ledger: _Ledger, *, by_sha: bool) -> pa.Table:
