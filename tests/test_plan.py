@@ -215,3 +215,24 @@ def test_a_recorded_copy_is_not_decoded_again_and_takes_over_when_its_original_i
     plan = plan_mod.make_plan(plan_mod.join_known(alone, index, copies), index, FAILURES_SCHEMA.empty_table(),
                               max_attempts=3, segment_frames=4)
     assert plan.reused == 1 and [u["source"] for u in plan.metadata_updates] == ["/v/copy.mp4"]
+
+
+def test_only_new_files_with_a_failure_on_record_are_hashed_before_planning(tmp_path, monkeypatch):
+    import hashlib
+
+    import pipeline.extract as extract
+
+    for name in ("bad.mp4", "new.mp4"):
+        (tmp_path / name).write_bytes(name.encode())
+    hashed = []
+    real = extract.hash_video
+    monkeypatch.setattr(extract, "hash_video", lambda src, so=None: hashed.append(src) or real(src, so))
+    listing = plan_mod.inputs_table([vi(str(tmp_path / "bad.mp4"), ""), vi(str(tmp_path / "new.mp4"), "")])
+    sha = hashlib.sha256(b"bad.mp4").hexdigest()
+    failures = rows_table([fail(sha, str(tmp_path / "bad.mp4"), 1, retryable=False, error="not_a_video")],
+                          FAILURES_SCHEMA)
+    out = extract.hash_failed_sources(listing, failures, {})
+    assert hashed == [str(tmp_path / "bad.mp4")] and out.column("sha256").to_pylist() == [sha, ""]
+    plan = plan_mod.make_plan(out, INDEX_SCHEMA.empty_table(), failures, max_attempts=3, segment_frames=4)
+    assert [src for src, _ in plan.quarantined] == [str(tmp_path / "bad.mp4")]
+    assert plan.work.column("source").to_pylist() == [str(tmp_path / "new.mp4")]
