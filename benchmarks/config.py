@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 BENCHMARKS = ("cached_vs_online", "extraction", "loader", "reuse", "storage", "scaling", "store_scale",
-              "decode_memory", "multinode")
+              "decode_memory", "multinode", "ingest_scale")
 # What the GPU preset can run on a machine without Ray, decord or webdataset.
 RAY_FREE_BENCHMARKS = ("cached_vs_online", "extraction", "storage")
 
@@ -86,6 +86,9 @@ class BenchConfig:
     store_commits: int = 15
     store_backends: tuple[str, ...] = ("local", "s3")
     store_plan_videos: int = 10_000
+    # ingest_scale: corpus sizes (input videos) and how many of them are new (computed by the real run)
+    ingest_sizes: tuple[int, ...] = (10_000, 100_000)
+    ingest_new: int = 4
 
     def __post_init__(self) -> None:
         unknown = [t for t in (*self.teachers, self.extract_teacher) if t not in TEACHER_SHAPES]

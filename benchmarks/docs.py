@@ -37,6 +37,7 @@ decord, at realistic sizes; `--set FIELD=VALUE` changes one size (see `benchmark
 | `store_scale` | median time of a real 512-row store commit on a KEY of 10^6 samples over one of 10^4 (the worse of local disk and S3 on moto); also the committing process's peak RSS ratio (<= 1.3), opening the 10^6 KEY and planning 10^4 new videos against it | <= 1.5 |
 | `decode_memory` | peak RSS of the decode stage on a long generated video (20 min) over a 1-minute one, each in a fresh process: the larger of the parent's (the decode actor's) and the decoder child's ratio; a whole-video decode is reported beside it | <= 1.5 |
 | `multinode` | wall time of `subsume extract` (the 1x set) on a simulated cluster (0-CPU head, two 1-CPU worker raylets) that loses a worker node right after the run's first commit and gets a fresh one, over the same run undisturbed; where each stage ran and whether every sample is unique are reported beside it | <= 1.5 |
+| `ingest_scale` | peak RSS of the extraction driver (a fresh process; `extract --dry-run` and a real run, on a separate Ray cluster) over a corpus of 10^5 real files against one of 10^4, each planned against a KEY that already holds all but a few of them (the real run computes only those); planning wall time (listing, joins, plan) beside it | <= 1.3 |
 
 End-to-end figures (`e2e_*`, `wall_s`) include start-up (Ray, model loads); per-stage figures exclude it.
 Teachers are random-weight `CLIPVisionModelWithProjection` models of the named shape (nothing is

@@ -45,6 +45,18 @@ SHARDS_SCHEMA = pa.schema([
 ])
 
 
+# Files whose bytes the index already holds under another source (extraction's commit-time dedup): planning
+# joins a listing against them by (source, size, mtime), so a known copy is not decoded again.
+COPIES_SCHEMA = pa.schema([
+    ("source", pa.string()),
+    ("source_raw", pa.binary()),
+    ("video_size", pa.int64()),
+    ("video_mtime", pa.float64()),
+    ("video_sha256", pa.string()),
+    ("run_id", pa.string()),
+])
+
+
 class StoreError(Exception):
     pass
 
@@ -143,9 +155,11 @@ class CommitBatch:
     shard_fidelity: dict[str, Fidelity] = field(default_factory=dict)
     max_attempts: int | None = None  # the run's --max-attempts, recorded in the version (inspect reads it)
     judged_by: str = ""  # decoder + judging-code version behind this batch's failure verdicts
+    copies: list[dict[str, Any]] = field(default_factory=list)  # COPIES_SCHEMA rows: duplicates this batch found
 
     def empty(self) -> bool:
-        return not (self.shards or self.rows or self.failures or self.succeeded or self.metadata_updates)
+        return not (self.shards or self.rows or self.failures or self.succeeded or self.metadata_updates
+                    or self.copies)
 
 
 def rows_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .ledger import FAILURES_SCHEMA, LEDGER_SCHEMA, ledger_state
-from .records import INDEX_SCHEMA, SHARDS_SCHEMA, Fidelity, ShardRecord, TargetStats
+from .records import COPIES_SCHEMA, INDEX_SCHEMA, SHARDS_SCHEMA, Fidelity, ShardRecord, TargetStats
 from .spec import FeatureSpec, to_dict
 
 if TYPE_CHECKING:
@@ -73,6 +73,26 @@ class Snapshot:
         if ds is None:
             return schema.empty_table()
         return ds.to_table(columns=columns, filter=filter).cast(schema)
+
+    def index_matching(self, columns: list[str], column: str, values: pa.Array) -> pa.Table:
+        """Raw index rows whose `column` is in `values` (many values: the listing's names or hashes), one
+        record batch at a time, so memory holds the matches and one batch, not a scan-wide filter."""
+        ds = self._dataset()
+        schema = pa.schema([INDEX_SCHEMA.field(c) for c in columns])
+        if ds is None or not len(values):
+            return schema.empty_table()
+        keep = [b.filter(pc.is_in(b.column(column), value_set=values)) for b in ds.to_batches(columns=columns)]
+        return pa.Table.from_batches([b for b in keep if b.num_rows], schema=None).cast(schema) \
+            if any(b.num_rows for b in keep) else schema.empty_table()
+
+    def copies(self, columns: list[str] | None = None, filter=None) -> pa.Table:  # noqa: A002
+        """Files recorded as copies of indexed content (COPIES_SCHEMA; the table's latest version, like the
+        ledger's state a run plans with), only `columns`, only rows matching `filter`."""
+        loc = self.store.tables(self.key).copies
+        schema = COPIES_SCHEMA if columns is None else pa.schema([COPIES_SCHEMA.field(c) for c in columns])
+        if self.version == 0 or not loc.exists():
+            return schema.empty_table()
+        return loc.open(fresh=True).to_pyarrow_dataset().to_table(columns=columns, filter=filter).cast(schema)
 
     @cached_property
     def _keys(self) -> pa.Table:

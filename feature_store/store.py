@@ -7,6 +7,8 @@ Layout of one KEY (ROOT/KEY/), store format 2:
   tables/shards/             Delta Lake table: one record per shard (name, count, bytes, sha256, target-stat and
                              fidelity sums), appended before the index commit that references the shard
   tables/failures/           Delta Lake table: the failure ledger, append-only attempts (see ledger.py)
+  tables/copies/             Delta Lake table: files whose bytes the index holds under another source
+                             (extraction's commit-time dedup; created by the first commit that has one)
   leases/<run>.json          a live writer's (or training run's) heartbeat; its age is judged by the storage's clock
   _tmp/<run>/...             shards being written (local disks only), removed by `gc`
 
@@ -32,7 +34,7 @@ import pyarrow as pa
 
 from . import fsutil
 from .ledger import LEDGER_SCHEMA, cause_of
-from .records import (INDEX_SCHEMA, SHARDS_SCHEMA, CommitBatch, Fidelity, KeyNotFound, ShardRecord,  # noqa: F401
+from .records import (COPIES_SCHEMA, INDEX_SCHEMA, SHARDS_SCHEMA, CommitBatch, Fidelity, KeyNotFound, ShardRecord,  # noqa: F401
                       StoreError, TargetStats, failure_id, new_run_id, rows_table, table_rows, utcnow)
 from .snapshot import STORE_FORMAT, Snapshot
 from .spec import FeatureSpec, feature_spec_from_dict, to_dict
@@ -48,6 +50,7 @@ class KeyTables:
     index: DeltaLocation
     shards: DeltaLocation
     failures: DeltaLocation
+    copies: DeltaLocation
 
 
 class FormatError(StoreError):
@@ -86,7 +89,7 @@ class FeatureStore:
             rel = f"tables/{name}"
             return DeltaLocation(self.url(key, rel), self._delta_options, self.fs, fsutil.join(self.key_path(key), rel))
 
-        return KeyTables(loc("index"), loc("shards"), loc("failures"))
+        return KeyTables(loc("index"), loc("shards"), loc("failures"), loc("copies"))
 
     # -- KEYs ----------------------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -187,6 +190,10 @@ class FeatureStore:
             meta["max_attempts"] = str(batch.max_attempts)
         if batch.shards:
             append(t.shards, _shard_rows(batch), {"run_id": batch.run_id})
+        if batch.copies:
+            t.copies.create(COPIES_SCHEMA)  # a KEY's first duplicate creates the table
+            append(t.copies, rows_table([{**c, "run_id": batch.run_id} for c in batch.copies], COPIES_SCHEMA),
+                   {"run_id": batch.run_id})
         ledger = _ledger_rows(batch)
         if ledger.num_rows:
             lv = append(t.failures, ledger, {"run_id": batch.run_id, "digest": table_digest(ledger)})

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import logging
+
+import numpy as np
 import sys
 import time
 from collections import Counter
@@ -16,23 +18,22 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from feature_store.spec import FeatureSpec, SamplingSpec, StorageSpec, TeacherSpec
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from feature_store.ledger import FAILURES_SCHEMA, judge_version
 from feature_store.runs import write_run
 from feature_store.snapshot import Snapshot
 from feature_store.store import HEARTBEAT_S, CommitBatch, FeatureStore, new_run_id
 from pipeline.decode import DecodeLimits
-from pipeline.plan import Plan, VideoInput, index_for_inputs, index_for_listing, known_hashes, make_plan
-from pipeline.sources import VideoRef, hash_video, list_videos, stat_video
+from pipeline.plan import Plan, index_for_shas, index_for_sources, join_known, make_plan
+from pipeline.sources import hash_video, listing_table
 from pipeline.records import Failure
 from pipeline.results import WriterResult
 from pipeline.stages import DecodeStage, TeacherStage, WriteStage
-from pipeline.tally import CommitCadence, Tally
-from pipeline.visibility import ensure_visible
-
-
-# Bytes to hash before a distributed job pays for itself: threads in the driver hash a local or object-store
-# file at disk or network speed, and a Ray job first starts worker processes (tens of seconds on a small node).
-HASH_ON_CLUSTER_ABOVE_BYTES = 16 * 2**30
+from pipeline.tally import Claims, CommitCadence, Tally, sha_prefixes
+from pipeline.visibility import WorkListRows, ensure_visible
+from pipeline.worklist import VIDEOS_PER_BLOCK, WorkList, work_blocks  # noqa: F401  (VIDEOS_PER_BLOCK: API)
 
 
 @dataclass
@@ -69,47 +70,33 @@ def resolve_feature_spec(cfg: ExtractConfig) -> FeatureSpec:
     return feature_spec_for(cfg.teacher, cfg.sampling, cfg.storage, size=cfg.size)
 
 
-def identify_videos(refs: list[VideoRef], snapshot: Snapshot | None, storage_options: dict[str, Any],
-                    connect: Callable[[], None]) -> list[VideoInput]:
-    """Content hash per video; unchanged files (same source, size, mtime/ETag as stored) are not re-read.
+def hash_failed_sources(listing: pa.Table, failures: pa.Table, storage_options: dict[str, Any]) -> pa.Table:
+    """Hash now the few new files whose source has a failure on record, so that the ledger (keyed by content)
+    decides about them at planning; every other new file is hashed by the decode stage as it reads it."""
+    if not failures.num_rows:
+        return listing
+    mask = pc.and_(pc.and_(pc.equal(listing.column("sha256"), ""), pc.equal(listing.column("error"), "")),
+                   pc.is_in(listing.column("source"), value_set=failures.column("source")))
+    rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+    if not len(rows):
+        return listing
+    from concurrent.futures import ThreadPoolExecutor
 
-    A few files are hashed here in threads; many are hashed across the cluster (I/O bound: a fraction of a
-    CPU per task), which is where they are on a large corpus in object storage.
-    """
-    inputs: list[VideoInput] = []
-    for r in refs:
-        st = r.stat or stat_video(r.source, storage_options)  # a folder or glob listing already has it
-        inputs.append(VideoInput(r.source, r.video_id, dict(r.labels), size=st.size, mtime=st.mtime, error=st.error))
-    stats = [(v.source, v.size, v.mtime) for v in inputs]
-    known = known_hashes(stats, index_for_listing(snapshot, stats))
-    to_hash: list[dict[str, Any]] = []
-    for i, v in enumerate(inputs):
-        if not v.error:
-            v.sha256 = known[i]
-            if not v.sha256:
-                to_hash.append({"i": i, "source": v.source, "size": v.size})
+    from feature_store.names import decode_name
 
-    def _hash(row: dict[str, Any]) -> dict[str, Any]:
+    sources = listing.select(["source", "source_raw"]).take(pa.array(rows)).to_pylist()
+
+    def _hash(r: dict[str, Any]) -> str:
         try:
-            return {"i": row["i"], "sha256": hash_video(row["source"], storage_options), "error": ""}
-        except OSError as e:
-            return {"i": row["i"], "sha256": "", "error": f"unreadable: {e}"}
+            return hash_video(decode_name(r["source"], r["source_raw"]), storage_options)
+        except OSError:  # unreadable now: the decode stage records why
+            return ""
 
-    if sum(r["size"] for r in to_hash) > HASH_ON_CLUSTER_ABOVE_BYTES:
-        import ray
-
-        connect()
-        _quiet_ray_data()
-        blocks = min(len(to_hash), 4 * int(_cluster_resources()[0]))
-        hashed = ray.data.from_items(to_hash, override_num_blocks=blocks).map(_hash, num_cpus=0.25).take_all()
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            hashed = list(pool.map(_hash, to_hash))
-    for h in hashed:
-        inputs[h["i"]].sha256, inputs[h["i"]].error = h["sha256"], h["error"]
-    return inputs
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        hashes = list(pool.map(_hash, sources))
+    sha = listing.column("sha256").combine_chunks().to_numpy(zero_copy_only=False).copy()
+    sha[rows] = hashes
+    return listing.set_column(listing.schema.get_field_index("sha256"), "sha256", pa.array(sha, pa.string()))
 
 
 def steady_rate(frames: int, teacher_spans: list[tuple[float, float]]) -> float | None:
@@ -241,11 +228,14 @@ class Progress:
 
 @dataclass
 class Planned:
-    """What `plan` decided: the KEY, the inputs listed and the split (compute, reuse, quarantine...)."""
+    """What `plan` decided: the KEY, the inputs listed, the split (compute, reuse, quarantine...) and the KEY
+    version it was planned against (None: a new KEY)."""
 
     spec: FeatureSpec
     inputs_total: int
     plan: Plan
+    snapshot: Snapshot | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # planning steps: key, listing, joining, planning
 
     @property
     def key(self) -> str:
@@ -260,6 +250,7 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
     store = FeatureStore(cfg.store, cfg.storage_options)
     planned = plan_run(cfg, store, ray_link)
     base = {"store": cfg.store, "key": planned.key, "teacher": cfg.teacher.model, "videos_total": planned.inputs_total}
+    base["planning_s"] = planned.seconds
     if cfg.dry_run:
         return {**base, **dry_run_report(planned.plan)}
     store.ensure_key(planned.spec)
@@ -283,39 +274,68 @@ class _OnceConnect:
 
 
 def plan_run(cfg: ExtractConfig, store: FeatureStore, connect: Callable[[], None]) -> Planned:
-    """List the videos, identify them and split them against the KEY's index and failure ledger."""
-    say = _stage_line(cfg.progress)
+    """List the videos (Arrow), join them against the KEY's index and failure ledger, and split them. Needs
+    no Ray: new files are hashed later, by the decode stage (`connect` is kept for callers that pass it)."""
+    say = StageLines(cfg.progress)
+    say("key", "resolving the KEY (teacher fingerprint)")
     spec = resolve_feature_spec(cfg)
-    say(f"listing {cfg.videos}")
-    refs = list_videos(cfg.videos, cfg.storage_options)
-    say(f"listed {len(refs)} videos; identifying them against KEY {spec.key}")
+    say("listing", f"listing {cfg.videos}")
+    listing = listing_table(cfg.videos, cfg.storage_options)
+    say("joining", f"listed {listing.num_rows} videos; joining them against KEY {spec.key}")
     snapshot = store.open(spec.key) if store.has_key(spec.key) else None
     failures = snapshot.failures if snapshot else FAILURES_SCHEMA.empty_table()
-    inputs = identify_videos(refs, snapshot, cfg.storage_options, connect)
-    say("planning")
-    plan = make_plan(inputs, index_for_inputs(snapshot, inputs), failures, max_attempts=cfg.max_attempts,
-                     segment_frames=cfg.sampling.segment_frames, retry_failed=cfg.retry_failed)
+    copies = snapshot.copies(["source", "video_size", "video_mtime", "video_sha256"],
+                             filter=pc.field("source").isin(pc.unique(listing.column("source")))) if snapshot else None
+    listing = join_known(listing, index_for_sources(snapshot, listing.column("source")), copies)
+    listing = hash_failed_sources(listing, failures, cfg.storage_options)
+    known = int(pc.sum(pc.not_equal(listing.column("sha256"), "")).as_py() or 0)
+    say("planning", f"{known} known unchanged, {listing.num_rows - known} new or changed (hashed as they are "
+                    f"decoded); planning")
+    plan = make_plan(listing, index_for_shas(snapshot, listing.column("sha256")), failures,
+                     max_attempts=cfg.max_attempts, segment_frames=cfg.sampling.segment_frames,
+                     retry_failed=cfg.retry_failed)
     summary = plan.summary()
-    say(f"planned: {summary['to_compute']} to compute, {len(plan.reused)} reused, "
-        f"{len(plan.quarantined)} quarantined, {len(plan.unreadable)} unreadable")
-    return Planned(spec, len(refs), plan)
+    say("", f"planned: {summary['to_compute']} to compute ({summary['to_complete']} to complete), {plan.reused} "
+            f"reused, {len(plan.quarantined)} quarantined, {len(plan.unreadable)} unreadable, "
+            f"{plan.duplicates} duplicates")
+    return Planned(spec, listing.num_rows, plan, snapshot, say.seconds)
 
 
-def _stage_line(enabled: bool) -> Callable[[str], None]:
-    """Progress before the per-video bar: one timestamped line per step on stderr (quiet when disabled)."""
-    t0 = time.perf_counter()
+class StageLines:
+    """Progress before the per-video bar: one timestamped line per step on stderr (quiet when disabled), and
+    the seconds each step took (`seconds`: step -> s), which the run's report carries."""
 
-    def say(msg: str) -> None:
-        if enabled:
-            print(f"extract [{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    def __init__(self, enabled: bool):
+        self.enabled, self.t0 = enabled, time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self._step, self._since = "", self.t0
 
-    return say
+    def __call__(self, step: str, msg: str) -> None:
+        pa.default_memory_pool().release_unused()  # a step's scratch goes back to the OS: peaks do not stack
+        now = time.perf_counter()
+        if self._step:
+            self.seconds[f"{self._step}_s"] = round(now - self._since, 3)
+        self._step, self._since = step, now
+        if self.enabled:
+            print(f"extract [{now - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def dry_run_report(plan: Plan) -> dict[str, Any]:
-    return {"dry_run": True, **plan.summary(), "compute": [w.source for w in plan.compute],
-            "quarantined": [{"source": v.source, "why": why} for v, why in plan.quarantined],
-            "unreadable": [{"source": v.source, "why": v.error} for v in plan.unreadable]}
+    return {"dry_run": True, **plan.summary(), "compute": plan.work.column("source").to_pylist(),
+            "quarantined": [{"source": src, "why": why} for src, why in plan.quarantined],
+            "unreadable": [{"source": src, "why": err} for src, err in plan.unreadable]}
+
+
+def known_contents(snapshot: Snapshot | None) -> Claims:
+    """Claims that know the contents the KEY version holds (8 bytes a video, one scan of one index column),
+    so a new file whose bytes are already indexed under another name is a duplicate at commit."""
+    if snapshot is None or snapshot.version == 0:
+        return Claims()
+
+    def lookup(shas: list[str]) -> pa.Table:
+        return snapshot.index_columns(["video_sha256", "source"], filter=pc.field("video_sha256").isin(shas))
+
+    return Claims(np.unique(sha_prefixes(snapshot.index_columns(["video_sha256"]).column("video_sha256"))), lookup)
 
 
 class ExtractionRun:
@@ -325,30 +345,34 @@ class ExtractionRun:
         self.cfg, self.store, self.planned, self.plan = cfg, store, planned, planned.plan
         self.run_id = new_run_id()
         self.judged_by = judge_version()
-        self.tally = Tally(self.plan.compute, cfg.sampling.segment_frames)
+        self.tally = Tally(cfg.sampling.segment_frames, partial=self.plan.partial, retrying=self.plan.retrying,
+                           claims=known_contents(planned.snapshot) if self.plan.work.num_rows else Claims())
         self.cadence = CommitCadence(lambda b: store.commit(planned.key, b), self._new_batch,
                                      cfg.commit_every_shards, cfg.commit_every_s)
         self.cadence.batch.metadata_updates = list(self.plan.metadata_updates)
-        for v in self.plan.unreadable:
-            self.tally.failure(Failure("", v.source, "read", v.error.split(":")[0], v.error), self.cadence.batch)
+        for source, error in self.plan.unreadable:
+            self.tally.failure(Failure("", source, "read", error.split(":")[0], error), self.cadence.batch)
 
     def _new_batch(self) -> CommitBatch:
         return CommitBatch(run_id=self.run_id, max_attempts=self.cfg.max_attempts, judged_by=self.judged_by)
 
     def execute(self, connect: Callable[[], None]) -> None:
         lease = Lease(self.store, self.planned.key, self.run_id)
-        progress = Progress(len(self.plan.compute), self.cfg.progress)
+        progress = Progress(self.plan.work.num_rows, self.cfg.progress)
+        work = WorkList(self.store, self.planned.key, self.run_id)
         try:  # the lease must stop with the run, also when it fails (a long-lived caller goes on)
-            if self.plan.compute:
+            if self.plan.work.num_rows:
                 connect()
-                ensure_visible(self.store.root, self.plan.compute)  # every node sees the local paths, or stop
-                ds = build_dataset(self.cfg, self.planned.spec, self.store, self.planned.key, self.run_id, self.plan)
+                ensure_visible(self.store.root, WorkListRows(self.plan.work))  # every node sees the local paths
+                ds = build_dataset(self.cfg, self.planned.spec, self.store, self.planned.key, self.run_id, self.plan,
+                                   work)
                 for row in ds.iter_rows():
                     self._take(WriterResult.from_row(row), progress)
                     self.cadence.maybe()
             self.cadence.flush()
         finally:
             progress.close()
+            work.remove()
             lease.end()
 
     def _take(self, r: WriterResult, progress: Progress) -> None:
@@ -361,17 +385,20 @@ class ExtractionRun:
 
     def report(self, wall: float, *, used_ray: bool) -> dict[str, Any]:
         snap, plan, t, c = self.store.open(self.planned.key), self.plan, self.tally, self.tally.counters
-        failed = c["videos_failed"] + len(plan.unreadable) + len(plan.quarantined) + len(t.pending)
+        dup = plan.duplicates + c["videos_duplicate"]
+        lost = max(0, plan.work.num_rows - c["videos_new_ok"] - c["videos_failed"] - c["videos_duplicate"])
+        failed = c["videos_failed"] + len(plan.unreadable) + len(plan.quarantined) + lost
         reasons = Counter(t.failures_by_reason)
         if plan.quarantined:
             reasons["quarantined"] += len(plan.quarantined)
         frames = c["frames_computed"]
         result = {
             "version": snap.version, "run_id": self.run_id,
-            "videos_ok": len(plan.reused) + c["videos_new_ok"], "videos_failed": failed,
-            "videos_reused": len(plan.reused), "videos_quarantined": len(plan.quarantined),
-            "videos_duplicate": len(plan.duplicates), "failures_by_reason": dict(reasons),
+            "videos_ok": plan.reused + c["videos_new_ok"], "videos_failed": failed,
+            "videos_reused": plan.reused, "videos_quarantined": len(plan.quarantined),
+            "videos_duplicate": dup, "failures_by_reason": dict(reasons),
             "samples": snap.manifest["counts"]["samples"], "samples_written": c["samples_written"],
+            "samples_duplicate": c["duplicate_rows"],
             "shards": len(snap.shards), "shards_written": c["shards_written"], "bytes_written": c["bytes_written"],
             "frames_computed": frames, "frames_reused": plan.frames_reused,
             "metadata_updates": len(plan.metadata_updates), "versions_committed": self.cadence.versions,
@@ -408,25 +435,10 @@ def _quiet_ray_data():
     return ctx
 
 
-# Videos per block of the work list at most: a lost node loses at most its blocks' videos to a retry.
-VIDEOS_PER_BLOCK = 200
-
-
-def work_blocks(n_videos: int, n_decode: int) -> int:
-    """Enough blocks to feed every decoder several times, and none over VIDEOS_PER_BLOCK videos."""
-    return max(1, min(n_videos, max(4 * n_decode, math.ceil(n_videos / VIDEOS_PER_BLOCK))))
-
-
-def work_rows(plan: Plan, seed: str) -> list[dict[str, Any]]:
-    """The work list in a shuffled order (seeded by the run), so shards do not cluster by folder."""
-    import random
-
-    rows = [w.to_row() for w in plan.compute]
-    random.Random(seed).shuffle(rows)
-    return rows
-
-
-def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, key: str, run_id: str, plan: Plan):
+def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, key: str, run_id: str, plan: Plan,
+                  work: WorkList):
+    """The pipeline over the plan's work list, written as Parquet into `work` and read in blocks of at most
+    VIDEOS_PER_BLOCK videos: decode (hashes what it reads) -> teacher -> writers."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -439,9 +451,9 @@ def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, ke
                                 decode_concurrency=cfg.decode_concurrency)
     use_gpu = actors.teacher_gpus > 0
     n_decode = actors.decode_actors
-    ds = ray.data.from_items(work_rows(plan, run_id), override_num_blocks=work_blocks(len(plan.compute), n_decode))
-    ds = ds.map_batches(
-        DecodeStage, batch_size=1,
+    work.write(plan.work, run_id, work_blocks(plan.work.num_rows, n_decode))
+    ds = work.dataset().map_batches(
+        DecodeStage, batch_size=1, batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=1, max_size=n_decode, max_tasks_in_flight_per_actor=cfg.max_in_flight),
         num_cpus=actors.decode_cpus,
         fn_constructor_kwargs=dict(sampling=asdict(spec.sampling), preprocess=asdict(spec.preprocess),

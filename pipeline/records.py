@@ -51,6 +51,49 @@ class Failure:
                 "attempts": 1, "retryable": self.retryable, "last_attempt": utcnow()}
 
 
+@dataclass
+class WorkRow:
+    """One video of the work list (pipeline.plan.WORK_SCHEMA) as the decode stage reads it. `sha256` is ""
+    for a new file until the decode stage has hashed the bytes it read (`identify`)."""
+
+    source: str  # Arrow-safe form of the name
+    video_id: str
+    labels: dict[str, str]
+    size: int
+    mtime: float
+    sha256: str = ""
+    have_segments: frozenset[int] = frozenset()
+    attempts: int = 0
+    source_raw: bytes = b""  # the name's bytes when it is not UTF-8
+
+    @property
+    def path(self) -> str:
+        """The name to open (a non-UTF-8 name travels as its bytes)."""
+        from feature_store.names import decode_name
+
+        return decode_name(self.source, self.source_raw or None)
+
+    def identify(self, sha256: str) -> None:
+        """The hash of the bytes read. A file that changed since it was planned is a new video: nothing of it
+        is stored yet."""
+        if self.sha256 and sha256 != self.sha256:
+            self.have_segments = frozenset()
+        self.sha256 = sha256
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> WorkRow:
+        labels = row.get("labels") or {}
+        return cls(source=row["source"], video_id=row["video_id"], labels=dict(labels), size=int(row["size"]),
+                   mtime=float(row["mtime"]), sha256=row.get("sha256") or "",
+                   have_segments=frozenset(row.get("have_segments") or ()), attempts=int(row.get("attempts") or 0),
+                   source_raw=row.get("source_raw") or b"")
+
+    def to_row(self) -> dict[str, Any]:
+        return {"source": self.source, "source_raw": self.source_raw or None, "video_id": self.video_id,
+                "labels": list(self.labels.items()), "size": self.size, "mtime": self.mtime, "sha256": self.sha256,
+                "have_segments": sorted(self.have_segments), "attempts": self.attempts}
+
+
 # Tensor columns and the shape of one row's value; the stage that makes a batch knows them.
 ARRAY_FIELDS = ("frame_indices", "timestamps", "frames", "targets", "patches")
 

@@ -2,7 +2,8 @@
 
 Rows between stages are typed columns (`pipeline.records.SegmentRow`); a failure travels as a row of
 the same schema whose `error` names its class.
-- decode (actor pool, CPU): streams one video's frames out of a killable child process, cuts segments as
+- decode (actor pool, CPU): reads a work-list row (`WorkRow`, Arrow batches), hashes the bytes it hands the
+  decoder (pipeline.fetch: one read per video), streams the frames out of a killable child process, cuts segments as
   they fill, encodes each as stored (JPEG...) and decodes it back, so the teacher gets ready uint8 frames,
   exactly the stored ones. A segment leaves as soon as its video's segment count is known (decord knows
   it before decoding; PyAV's segments wait for the end of their video, as encoded bytes).
@@ -27,7 +28,7 @@ import pyarrow as pa
 from feature_store.shards import build_sample, decode_frames, encode_frames, sample_key
 from feature_store.spec import PreprocessSpec, SamplingSpec, StorageSpec, TeacherSpec
 from feature_store.store import FeatureStore, Fidelity, TargetStats
-from pipeline.records import Failure, SegmentRow, failure_rows, from_batch, to_batch
+from pipeline.records import Failure, SegmentRow, WorkRow, failure_rows, from_batch, to_batch
 from pipeline.results import WriterResult, results_table
 
 log = logging.getLogger(__name__)
@@ -59,29 +60,32 @@ class DecodeStage:
         self.storage_options = storage_options
         self.node = node_id()
         extra = {"decode_fn": decode_fn} if decode_fn is not None else {}
-        self.proc = DecoderProcess(timeout_s=timeout_s, decoder=decoder, limits=DecodeLimits(**(limits or {})),
-                                   **extra)
+        self.limits = DecodeLimits(**(limits or {}))
+        self.proc = DecoderProcess(timeout_s=timeout_s, decoder=decoder, limits=self.limits, **extra)
         t, s = self.sampling.segment_frames, self.preprocess.crop
         self.shapes = {"frame_indices": ((t,), np.int64), "timestamps": ((t,), np.float64),
                        "frames": ((t, s, s, 3), np.uint8)}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for i in range(len(batch["source"])):
-            for rows in self.video_rows(_WorkRow(batch, i)):
+    def __call__(self, batch: pa.Table) -> Iterator[dict[str, np.ndarray]]:
+        for row in batch.to_pylist():  # a batch is one video (batch_size=1)
+            for rows in self.video_rows(WorkRow.from_row(row)):
                 yield to_batch(rows, self.shapes)
 
-    def video_rows(self, work: _WorkRow) -> Iterator[list[SegmentRow]]:
-        """Lists of rows for one video: its segments as they become complete, and at most one failure."""
+    def video_rows(self, work: WorkRow) -> Iterator[list[SegmentRow]]:
+        """Lists of rows for one video: its segments as they become complete, and at most one failure. The
+        bytes are hashed as they are read for the decoder (a new file's content hash is known only now)."""
         from pipeline.decode import DecodeError
+        from pipeline.fetch import hashed_local
 
-        video = _VideoSegments(self, work)
         try:
-            yield from video.run()
+            with hashed_local(work.path, self.storage_options, self.limits) as (path, sha):
+                work.identify(sha)
+                yield from _VideoSegments(self, work).run(path)
         except DecodeError as e:
-            yield [SegmentRow.failure(Failure(work.sha, work.source, "decode", e.reason, e.message))]
+            yield [SegmentRow.failure(Failure(work.sha256, work.source, "decode", e.reason, e.message))]
         except Exception as e:  # a decoder bug must cost one video, not the job
             log.exception("decode stage failed on %s", work.source)
-            yield [SegmentRow.failure(Failure(work.sha, work.source, "decode", "decoder_error",
+            yield [SegmentRow.failure(Failure(work.sha256, work.source, "decode", "decoder_error",
                                               f"{type(e).__name__}: {e}"))]
 
     def __del__(self) -> None:
@@ -90,39 +94,35 @@ class DecodeStage:
             proc.close()
 
 
-class _WorkRow:
-    """One input row of the work list (pipeline.plan.WorkItem.to_row)."""
-
-    def __init__(self, batch: dict[str, np.ndarray], i: int):
-        from feature_store.names import decode_name
-
-        self.source, self.sha = str(batch["source"][i]), str(batch["sha256"][i])
-        raw = batch["source_raw"][i] if "source_raw" in batch else b""
-        self.source_raw = bytes(raw) if raw is not None else b""
-        # the name to open: a non-UTF-8 name travels as its bytes (Arrow holds UTF-8 text only)
-        self.path = decode_name(self.source, self.source_raw or None)
-        self.video_id, self.labels_json = str(batch["video_id"][i]), str(batch["labels"][i])
-        self.size, self.mtime = int(batch["size"][i]), float(batch["mtime"][i])
-        self.have = set(json.loads(str(batch["have_segments"][i])))
+def _WorkRow(batch: pa.Table | dict[str, np.ndarray], i: int) -> WorkRow:  # noqa: N802
+    """Row `i` of a work-list batch (an Arrow table, or Ray's dict of numpy columns)."""
+    if isinstance(batch, pa.Table):
+        return WorkRow.from_row(batch.slice(i, 1).to_pylist()[0])
+    row = {k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in batch.items()}
+    for k in ("labels", "have_segments"):  # older callers pass these as JSON text
+        if isinstance(row.get(k), str):
+            row[k] = json.loads(row[k])
+    return WorkRow.from_row(row)
 
 
 class _VideoSegments:
     """Turns one video's decode stream into SegmentRows, as soon as each one is complete."""
 
-    def __init__(self, stage: DecodeStage, work: _WorkRow):
+    def __init__(self, stage: DecodeStage, work: WorkRow):
         from pipeline.sampling import SegmentCutter
 
         self.stage, self.work = stage, work
         self.cutter = SegmentCutter(stage.sampling)
         self.plan: Any = None  # StreamPlan: segments leave at once; None: they wait for StreamEnd
         self.held: list[SegmentRow] = []
+        self.labels_json = json.dumps(work.labels)  # the user's labels, read once more by the writer
         self.busy_s = 0.0
 
-    def run(self) -> Iterator[list[SegmentRow]]:
+    def run(self, path: str) -> Iterator[list[SegmentRow]]:
         from pipeline.decode import DecodeError, FrameChunk, StreamEnd, StreamPlan
         from pipeline.sampling import count_segments
 
-        events = self.stage.proc.stream(self.work.path, self.stage.sampling, resize_crop=self.stage.preprocess,
+        events = self.stage.proc.stream(path, self.stage.sampling, resize_crop=self.stage.preprocess,
                                         storage_options=self.stage.storage_options)
         t0 = time.perf_counter()
         for ev in events:
@@ -152,10 +152,10 @@ class _VideoSegments:
         for r in self.held:  # PyAV: the count and the stream's facts are known only now
             r.segments_total, r.decoder, r.fps, r.num_frames, r.rotation = (
                 total, end.decoder, float(end.fps), int(end.num_frames), int(end.rotation or 0))
-        rows = [r for r in self.held + rows if r.segment not in self.work.have]
+        rows = [r for r in self.held + rows if r.segment not in self.work.have_segments]
         if total == 0:
             seg = self.stage.sampling.segment_frames
-            yield [SegmentRow.failure(Failure(self.work.sha, self.work.source, "sampling", "too_short",
+            yield [SegmentRow.failure(Failure(self.work.sha256, self.work.source, "sampling", "too_short",
                                               f"{end.sampled} sampled frames < one segment of {seg}, "
                                               f"and short videos are dropped", retryable=False))]
         elif rows:
@@ -169,7 +169,7 @@ class _VideoSegments:
         facts = facts or self.plan
         out = []
         for seg_no, pos, (frames, indices, times) in segments:
-            if seg_no in self.work.have:
+            if seg_no in self.work.have_segments:
                 continue
             blob = encode_frames(np.ascontiguousarray(frames), self.stage.storage.frame_encoding,
                                  self.stage.storage.jpeg_quality)
@@ -186,8 +186,8 @@ class _VideoSegments:
              facts: Any) -> SegmentRow:
         w = self.work
         return SegmentRow(
-            video_sha256=w.sha, source=w.source, source_raw=w.source_raw, sample_key=sample_key(w.sha, seg_no), video_id=w.video_id,
-            labels_json=w.labels_json, segment=seg_no, padded=bool(len(set(pos.tolist())) < len(pos)),
+            video_sha256=w.sha256, source=w.source, source_raw=w.source_raw, sample_key=sample_key(w.sha256, seg_no),
+            video_id=w.video_id, labels_json=self.labels_json, segment=seg_no, padded=bool(len(set(pos.tolist())) < len(pos)),
             decoder=facts.decoder if facts else "", fps=float(facts.fps) if facts else 0.0,
             num_frames=int(facts.num_frames) if facts else 0, rotation=int(facts.rotation or 0) if facts else 0,
             video_size=w.size, video_mtime=w.mtime, decode_node=self.stage.node, frames_blob=blob,

@@ -67,6 +67,26 @@ def pick_videos(items: Sequence[Any], k: int = VIDEOS_CHECKED) -> tuple[tuple[st
     return tuple((local_path(items[i].source), int(items[i].size)) for i in chosen if is_local(items[i].source))
 
 
+@dataclass(frozen=True)
+class Listed:
+    source: str
+    size: int
+
+
+class WorkListRows(Sequence):
+    """A work list (an Arrow table with `source` and `size`) seen as a sequence of Listed, each row read only
+    when looked up: pick_videos reads a few, whatever the list's length."""
+
+    def __init__(self, table: Any):
+        self._table = table
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def __getitem__(self, i: int) -> Listed:  # type: ignore[override]
+        return Listed(self._table.column("source")[i].as_py(), int(self._table.column("size")[i].as_py()))
+
+
 def make_probe(store_root: str, items: Sequence[Any], token: str | None = None) -> Probe | None:
     """The probe for this run, or None when nothing is local (a remote root and remote videos)."""
     videos = pick_videos(items)

@@ -241,3 +241,22 @@ def test_ray_free_preset_runs_end_to_end_without_ray(tmp_path):
     assert obj["cached_vs_online"]["teachers"]["tiny"]["cached_samples_per_s"] > 0
     assert obj["extraction"]["value"] is None and obj["extraction"]["met"] is None
     assert obj["storage"]["value"] > 0.999 and isinstance(obj["storage"]["met"], bool)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ingest_scale_quick_preset_plans_the_whole_listing_and_computes_only_the_new_videos(tmp_path):
+    """ingest_scale at toy sizes: real files, a seeded KEY, a dry run and a real run per size in fresh
+    drivers on a cluster of their own; the figures are checked for what was planned and computed, not speed."""
+    from benchmarks import ingest_scale
+    from benchmarks.session import BenchSession
+
+    cfg = make_config("cpu", ["ingest_sizes=60,150", "ingest_new=2"])
+    result = ingest_scale.run(BenchSession(cfg, tmp_path, lambda msg: None))
+    assert result.name == "ingest_scale" and not result.notes, result.notes
+    for n in ("60", "150"):
+        dry, real = result.figures["runs"][n]["dry_run"], result.figures["runs"][n]["real"]
+        assert dry["to_compute"] == 2 and dry["reused"] == int(n) - 2 and dry["plan_s"] > 0
+        assert real["videos_ok"] == int(n) and real["videos_reused"] == int(n) - 2 and real["frames_computed"] > 0
+        assert real["peak_rss_mib"] >= real["rss_at_start_mib"] > 0
+    assert result.value == max(result.figures["peak_rss_ratio"].values()) > 0

@@ -24,6 +24,10 @@ def make_plan(inputs, index_rows, failure_rows, **kw):
                               **kw)
 
 
+def sha_of(plan):
+    return plan.work.column("sha256").to_pylist()
+
+
 def vi(source, sha, vid="a", labels=None, error="", size=10, mtime=1.0):
     return VideoInput(source, vid, labels or {}, sha256=sha, size=size, mtime=mtime, error=error)
 
@@ -32,8 +36,9 @@ def test_complete_videos_are_reused_and_partial_ones_completed():
     index = [row("A", 0, 2), row("A", 1, 2), row("B", 0, 3, source="/v/b.mp4", vid="b")]
     plan = make_plan([vi("/v/a.mp4", "A"), vi("/v/b.mp4", "B", vid="b"), vi("/v/c.mp4", "C", vid="c")], index, [],
                      max_attempts=3, segment_frames=4)
-    assert [v.sha256 for v in plan.reused] == ["A"]
-    assert {w.sha256: w.have_segments for w in plan.compute} == {"B": [0], "C": []}
+    assert plan.reused == 1
+    assert {w["sha256"]: w["have_segments"] for w in plan.work.to_pylist()} == {"B": [0], "C": []}
+    assert plan.partial == {"B": 1} and plan.summary()["to_complete"] == 1
     assert plan.frames_reused == 3 * 4
     assert not plan.metadata_updates
 
@@ -42,7 +47,7 @@ def test_renamed_video_is_reused_with_its_metadata_updated():
     index = [row("A", 0, 1, source="/old/a.mp4", vid="a", labels={"shape": "circle"})]
     plan = make_plan([vi("/new/x.mp4", "A", vid="x", labels={"shape": "square"})], index, [], max_attempts=3,
                      segment_frames=4)
-    assert not plan.compute and len(plan.reused) == 1
+    assert not plan.work.num_rows and plan.reused == 1
     assert plan.metadata_updates == [{"video_sha256": "A", "source": "/new/x.mp4", "video_id": "x",
                                       "labels": {"shape": "square"}, "video_size": 10, "video_mtime": 1.0}]
 
@@ -52,8 +57,9 @@ def test_failed_videos_are_retried_until_quarantined():
                 fail("H", "/v/h.mp4", 1, retryable=False, error="not_a_video")]
     inputs = [vi("/v/f.mp4", "F"), vi("/v/g.mp4", "G"), vi("/v/h.mp4", "H")]
     plan = make_plan(inputs, [], failures, max_attempts=3, segment_frames=4)
-    assert [w.sha256 for w in plan.compute] == ["F"]
-    assert sorted(v.sha256 for v, _ in plan.quarantined) == ["G", "H"]
+    assert sha_of(plan) == ["F"] and plan.retrying == {"F"}
+    assert sorted(src for src, _ in plan.quarantined) == ["/v/g.mp4", "/v/h.mp4"]
+    assert plan.work.column("attempts").to_pylist() == [2]
 
 
 def test_deterministic_failures_are_retried_only_when_the_judge_changed_or_forced():
@@ -61,9 +67,9 @@ def test_deterministic_failures_are_retried_only_when_the_judge_changed_or_force
     older = fail("J", "/v/j.mp4", 1, retryable=False, error="corrupt", judged_by="decord-0.5/judge-1")
     inputs = [vi("/v/h.mp4", "H"), vi("/v/j.mp4", "J")]
     plan = make_plan(inputs, [], [same, older], max_attempts=3, segment_frames=4)
-    assert [w.sha256 for w in plan.compute] == ["J"] and [v.sha256 for v, _ in plan.quarantined] == ["H"]
+    assert sha_of(plan) == ["J"] and [src for src, _ in plan.quarantined] == ["/v/h.mp4"]
     forced = make_plan(inputs, [], [same, older], max_attempts=3, segment_frames=4, retry_failed=True)
-    assert sorted(w.sha256 for w in forced.compute) == ["H", "J"]
+    assert sorted(sha_of(forced)) == ["H", "J"]
 
 
 def test_known_hashes_is_a_join_on_source_size_and_mtime():
@@ -76,12 +82,12 @@ def test_known_hashes_is_a_join_on_source_size_and_mtime():
 def test_same_bytes_twice_in_one_input_are_computed_once():
     plan = make_plan([vi("/v/a.mp4", "A"), vi("/v/copy.mp4", "A", vid="copy")], [], [], max_attempts=3,
                      segment_frames=4)
-    assert len(plan.compute) == 1 and len(plan.duplicates) == 1
+    assert plan.work.num_rows == 1 and plan.duplicates == 1
 
 
 def test_unreadable_inputs_are_reported_not_computed():
     plan = make_plan([vi("/v/gone.mp4", "", error="missing")], [], [], max_attempts=3, segment_frames=4)
-    assert not plan.compute and [v.source for v in plan.unreadable] == ["/v/gone.mp4"]
+    assert not plan.work.num_rows and [src for src, _ in plan.unreadable] == ["/v/gone.mp4"]
 
 
 def test_unreadable_inputs_are_quarantined_after_max_attempts():
@@ -124,32 +130,109 @@ def test_steady_rate_is_the_frames_over_the_teacher_window():
 
 
 def test_a_folder_or_glob_listing_brings_size_and_mtime_so_no_video_is_stat_on_its_own(tmp_path, monkeypatch):
-    import pipeline.extract as extract
-    from pipeline.sources import list_videos, stat_video
+    import pipeline.sources as sources
+    from pipeline.sources import LISTING_SCHEMA, listing_table, stat_video
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.mp4").write_bytes(b"12345")
     (tmp_path / "y.avi").write_bytes(b"1")
-    for src in (str(tmp_path), str(tmp_path / "*.avi")):
-        refs = list_videos(src)
-        assert refs and all(r.stat == stat_video(r.source) for r in refs)
+    (tmp_path / "notes.txt").write_text("not a video")
+    expect = {str(tmp_path / "a" / "x.mp4"): stat_video(str(tmp_path / "a" / "x.mp4")),
+              str(tmp_path / "y.avi"): stat_video(str(tmp_path / "y.avi"))}
 
     def no_stat(*a, **kw):
         raise AssertionError("a serial stat per video")
 
-    monkeypatch.setattr(extract, "stat_video", no_stat)
-    inputs = extract.identify_videos(list_videos(str(tmp_path)), None, {}, lambda: None)
-    assert [(v.video_id, v.size) for v in inputs] == [("a/x", 5), ("y", 1)] and all(v.sha256 for v in inputs)
+    monkeypatch.setattr(sources, "stat_video", no_stat)
+    table = listing_table(str(tmp_path))
+    assert table.schema == LISTING_SCHEMA
+    assert [(r["video_id"], r["size"], r["mtime"]) for r in table.to_pylist()] == [
+        ("a/x", 5, expect[str(tmp_path / "a" / "x.mp4")].mtime), ("y", 1, expect[str(tmp_path / "y.avi")].mtime)]
+    assert listing_table(str(tmp_path / "*.avi")).column("source").to_pylist() == [str(tmp_path / "y.avi")]
 
 
-def test_the_work_list_is_cut_in_blocks_of_at_most_a_few_hundred_videos_and_shuffled():
-    from pipeline.extract import VIDEOS_PER_BLOCK, work_blocks, work_rows
-    from pipeline.plan import Plan, WorkItem
+def test_a_manifest_listing_keeps_labels_and_marks_missing_files(tmp_path):
+    from pipeline.sources import listing_table
+
+    (tmp_path / "a.mp4").write_bytes(b"123")
+    (tmp_path / "m.csv").write_text("path,video_id,shape\na.mp4,a,disk\ngone.mp4,g,\n")
+    rows = listing_table(str(tmp_path / "m.csv")).to_pylist()
+    assert [(r["video_id"], dict(r["labels"]), r["size"], r["error"]) for r in rows] == [
+        ("a", {"shape": "disk"}, 3, ""), ("g", {}, 0, "missing")]
+
+
+def test_the_listing_is_planned_by_joins_and_new_files_are_not_hashed_before_decoding():
+    """Known unchanged files get their hash from the index; new ones go to the work list with none."""
+    index = rows_table([row("A", 0, 1, source="/v/a.mp4"), row("B", 0, 2, source="/v/b.mp4", vid="b")], INDEX_SCHEMA)
+    listing = plan_mod.inputs_table([vi("/v/a.mp4", ""), vi("/v/b.mp4", "", vid="b"), vi("/v/c.mp4", "", vid="c"),
+                                     vi("/v/a.mp4", "", vid="a2", size=99)]).drop_columns(["sha256"])
+    planned = plan_mod.join_known(listing, index)
+    assert planned.column("sha256").to_pylist() == ["A", "B", "", ""]
+    plan = plan_mod.make_plan(planned, index, FAILURES_SCHEMA.empty_table(), max_attempts=3, segment_frames=4)
+    assert plan.reused == 1 and plan.partial == {"B": 1}
+    assert [(w["source"], w["sha256"], w["have_segments"]) for w in plan.work.to_pylist()] == [
+        ("/v/b.mp4", "B", [0]), ("/v/c.mp4", "", []), ("/v/a.mp4", "", [])]  # a changed file is a new one
+    assert plan.work.schema == plan_mod.WORK_SCHEMA
+
+
+def test_the_work_list_is_parquet_in_blocks_of_at_most_a_few_hundred_videos_and_shuffled(tmp_path):
+    import pyarrow.parquet as pq
+
+    from feature_store.store import FeatureStore
+    from pipeline.worklist import VIDEOS_PER_BLOCK, WorkList, work_blocks
 
     assert work_blocks(3, 2) == 3 and work_blocks(100, 2) == 8
     assert 100_000 / work_blocks(100_000, 2) <= VIDEOS_PER_BLOCK
-    plan = Plan(compute=[WorkItem(f"/d/{i // 50}/{i}.mp4", str(i), {}, str(i), 1, 1.0) for i in range(500)])
-    rows = work_rows(plan, "run-1")
-    assert sorted(r["source"] for r in rows) == sorted(w.source for w in plan.compute)
-    assert [r["source"] for r in rows] != [w.source for w in plan.compute]  # not in folder order
-    assert rows == work_rows(plan, "run-1")
+    listing = plan_mod.inputs_table([vi(f"/d/{i // 50}/{i}.mp4", "") for i in range(1000)])
+    plan = plan_mod.make_plan(listing, INDEX_SCHEMA.empty_table(), FAILURES_SCHEMA.empty_table(), max_attempts=3,
+                              segment_frames=4)
+    store = FeatureStore(str(tmp_path))
+    orders = []
+    for _ in range(2):
+        work = WorkList(store, "k", "run-1")
+        assert work.write(plan.work, "run-1", blocks=2) == 5  # 1000 videos: blocks of VIDEOS_PER_BLOCK at most
+        tables = [pq.read_table(f) for f in work.files]
+        assert all(t.num_rows <= VIDEOS_PER_BLOCK for t in tables)
+        orders.append([s for t in tables for s in t.column("source").to_pylist()])
+        assert work.path.startswith(str(tmp_path / "k" / "_tmp" / "run-1"))
+        work.remove()
+        assert not (tmp_path / "k" / "_tmp" / "run-1" / "worklist").exists()
+    assert sorted(orders[0]) == sorted(listing.column("source").to_pylist())
+    assert orders[0] != listing.column("source").to_pylist() and orders[0] == orders[1]  # seeded, not folder order
+
+
+def test_a_recorded_copy_is_not_decoded_again_and_takes_over_when_its_original_is_gone():
+    from feature_store.records import COPIES_SCHEMA
+
+    index = rows_table([row("A", 0, 1, source="/v/a.mp4")], INDEX_SCHEMA)
+    copies = rows_table([{"source": "/v/copy.mp4", "video_size": 10, "video_mtime": 1.0, "video_sha256": "A"}],
+                        COPIES_SCHEMA)
+    both = plan_mod.inputs_table([vi("/v/copy.mp4", "", vid="copy"), vi("/v/a.mp4", "")])
+    plan = plan_mod.make_plan(plan_mod.join_known(both, index, copies), index, FAILURES_SCHEMA.empty_table(),
+                              max_attempts=3, segment_frames=4)
+    assert not plan.work.num_rows and plan.reused == 1 and plan.duplicates == 1 and not plan.metadata_updates
+    alone = plan_mod.inputs_table([vi("/v/copy.mp4", "", vid="copy")])  # the original was moved away
+    plan = plan_mod.make_plan(plan_mod.join_known(alone, index, copies), index, FAILURES_SCHEMA.empty_table(),
+                              max_attempts=3, segment_frames=4)
+    assert plan.reused == 1 and [u["source"] for u in plan.metadata_updates] == ["/v/copy.mp4"]
+
+
+def test_only_new_files_with_a_failure_on_record_are_hashed_before_planning(tmp_path, monkeypatch):
+    import hashlib
+
+    import pipeline.extract as extract
+
+    for name in ("bad.mp4", "new.mp4"):
+        (tmp_path / name).write_bytes(name.encode())
+    hashed = []
+    real = extract.hash_video
+    monkeypatch.setattr(extract, "hash_video", lambda src, so=None: hashed.append(src) or real(src, so))
+    listing = plan_mod.inputs_table([vi(str(tmp_path / "bad.mp4"), ""), vi(str(tmp_path / "new.mp4"), "")])
+    sha = hashlib.sha256(b"bad.mp4").hexdigest()
+    failures = rows_table([fail(sha, str(tmp_path / "bad.mp4"), 1, retryable=False, error="not_a_video")],
+                          FAILURES_SCHEMA)
+    out = extract.hash_failed_sources(listing, failures, {})
+    assert hashed == [str(tmp_path / "bad.mp4")] and out.column("sha256").to_pylist() == [sha, ""]
+    plan = plan_mod.make_plan(out, INDEX_SCHEMA.empty_table(), failures, max_attempts=3, segment_frames=4)
+    assert [src for src, _ in plan.quarantined] == [str(tmp_path / "bad.mp4")]
+    assert plan.work.column("source").to_pylist() == [str(tmp_path / "new.mp4")]

@@ -4,10 +4,12 @@ videos decoded by decord/PyAV in the decoder child, a real tiny transformers tea
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -38,14 +40,27 @@ def preprocess(tiny_teacher):
     return resolve_preprocess(str(tiny_teacher))
 
 
-def work(*items: tuple[str, Path, list[int]]) -> dict[str, np.ndarray]:
-    def col(values, dtype=object):
-        return np.array(values, dtype=dtype)
+NAMES: dict[str, str] = {}  # sha256 -> the clip's name in these tests
 
-    return {"source": col([str(p) for _, p, _ in items]), "sha256": col([name * 8 for name, _, _ in items]),
-            "video_id": col([name for name, _, _ in items]), "labels": col([json.dumps({"v": n}) for n, _, _ in items]),
-            "size": col([1] * len(items), np.int64), "mtime": col([0.0] * len(items), np.float64),
-            "have_segments": col([json.dumps(h) for _, _, h in items])}
+
+def sha_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def work(*items: tuple[str, Path, list[int]], planned: bool = True) -> pa.Table:
+    """A work-list batch (WORK_SCHEMA). `planned`: the content hash is known (a file the KEY has seen);
+    otherwise "" and the decode stage hashes what it reads."""
+    from pipeline.plan import WORK_SCHEMA
+
+    for name, p, _ in items:
+        NAMES[sha_of(p)] = name
+    return pa.Table.from_pylist([{"source": str(p), "video_id": name, "labels": [("v", name)], "size": 1, "mtime": 0.0,
+                                  "sha256": sha_of(p) if planned else "", "have_segments": have, "attempts": 0}
+                                 for name, p, have in items], schema=WORK_SCHEMA)
+
+
+def name_of(sha: str) -> str:
+    return NAMES.get(sha, "?")[:1]
 
 
 def decode_stage(preprocess, decoder="auto") -> DecodeStage:
@@ -60,8 +75,8 @@ def concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def decoded(clips, preprocess):
     stage = decode_stage(preprocess)
-    batches = list(stage(work(("a", clips["a"], [1]), ("b", clips["b"], []), ("short", clips["short"], []),
-                              ("text", clips["text"], []))))
+    batches = list(stage(work(("a", clips["a"], [1]), ("b", clips["b"], []), ("short", clips["short"], []))))
+    batches += list(stage(work(("text", clips["text"], []), planned=False)))  # a new file: hashed as it is read
     stage.proc.close()
     return batches
 
@@ -87,6 +102,19 @@ def test_decode_stage_streams_each_new_segment_with_typed_columns(decoded, clips
     (fail,) = [r for r in rows if r.failed]
     assert (fail.video_id, fail.source, fail.stage, fail.error) == ("", str(clips["text"]), "decode", "not_a_video")
     assert json.loads(ok[0].labels_json) == {"v": "a"}
+    # every row carries the hash of the bytes read; the new file's failure is keyed by it
+    assert all(r.video_sha256 == sha_of(clips[r.video_id or "text"]) for r in rows)
+    assert fail.video_sha256 == sha_of(clips["text"])
+
+
+def test_a_file_that_changed_since_planning_is_a_new_video(clips, preprocess, tmp_path):
+    stage = decode_stage(preprocess)
+    stale = work(("b", clips["b"], [0])).set_column(6, "sha256", pa.array(["0" * 64]))  # planned hash: stale
+    try:
+        rows = from_batch(concat(list(stage(stale))))
+    finally:
+        stage.proc.close()
+    assert [(r.segment, r.video_sha256) for r in rows] == [(0, sha_of(clips["b"])), (1, sha_of(clips["b"]))]
 
 
 def test_pyav_segments_wait_for_the_count_then_match_decord(clips, preprocess, decoded):
@@ -173,11 +201,11 @@ def test_an_out_of_memory_batch_is_retried_once_at_half_size(decoded, tiny_teach
     rows = from_batch(stage(concat(decoded)))
     assert sizes == [16, 8]
     # one failure row per video, whatever the number of its segments in the batch
-    assert sorted((r.video_sha256[:1], r.error, r.stage) for r in rows) == [
+    assert sorted((name_of(r.video_sha256), r.error, r.stage) for r in rows) == [
         ("a", "oom", "teacher"), ("b", "oom", "teacher"), ("s", "oom", "teacher"), ("t", "not_a_video", "decode")]
     # the same videos failing again in a later batch of this actor are not reported twice
     rows = from_batch(stage(concat(decoded)))
-    assert [(r.video_sha256[:1], r.error) for r in rows] == [("t", "not_a_video")]
+    assert [(name_of(r.video_sha256), r.error) for r in rows] == [("t", "not_a_video")]
 
 
 # --- writer --------------------------------------------------------------------------------------------
@@ -238,7 +266,7 @@ def test_writer_retries_storage_errors_then_fails_the_videos_not_the_job(targete
 
     monkeypatch.setattr(FeatureStore, "write_shard", down)
     results = write(targeted, tmp_path)
-    fails = sorted((r.failure.video_sha256[:1], r.failure.error, r.failure.stage) for r in results)
+    fails = sorted((name_of(r.failure.video_sha256), r.failure.error, r.failure.stage) for r in results)
     assert fails == [("a", "write_error", "write"), ("b", "write_error", "write"), ("s", "write_error", "write"),
                      ("t", "not_a_video", "decode")]
     assert all(r.failure.retryable for r in results)
@@ -273,9 +301,10 @@ def test_a_decoder_that_crashes_or_hangs_part_way_costs_only_its_video(clips, pr
         rows = from_batch(concat(list(stage(work(("c", crash, []), ("s", slow, []), ("b", clips["b"], []))))))
     finally:
         stage.proc.close()
-    fails = [(r.video_sha256[:1], r.error, r.stage) for r in rows if r.failed]
+    fails = [(Path(r.source).stem[:1], r.error, r.stage) for r in rows if r.failed]
     assert fails == [("c", "crashed", "decode"), ("s", "timeout", "decode")]
     # the chunk that arrived before the crash or hang still gave its (complete) segments; the next video is whole
     assert [(r.video_id, r.segment) for r in rows if not r.failed] == [
         ("c", 0), ("c", 1), ("s", 0), ("s", 1), ("b", 0), ("b", 1)]
+    assert {r.video_sha256 for r in rows if r.video_id in "cs"} == {sha_of(clips["a"])}  # copies: one content
     assert stage.proc.restarts == 2
