@@ -93,3 +93,12 @@ def test_every_node_of_the_session_cluster_sees_a_local_store(ray_session, tmp_p
     with pytest.raises(PathNotShared, match="missing.mp4"):  # a path no node sees is refused by every node
         ensure_visible(str(tmp_path), [v, Item(str(tmp_path / "missing.mp4"), 4)])
     assert not [p for p in os.listdir(tmp_path) if p.startswith(MARKER_PREFIX)]
+
+
+def test_a_work_list_table_is_read_only_at_the_picked_rows():
+    import pyarrow as pa
+
+    from pipeline.visibility import WorkListRows
+
+    table = pa.table({"source": [f"/v/{i}.mp4" for i in range(1000)], "size": list(range(1000))})
+    assert pick_videos(WorkListRows(table), k=3) == (("/v/0.mp4", 0), ("/v/500.mp4", 500), ("/v/999.mp4", 999))
