@@ -1,4 +1,4 @@
-"""The `subsume` command line: extract, train, eval, embed, store, demo.
+"""The `subsume` command line: extract, train, eval, embed, store, demo, downstream, manifest.
 
 Every subcommand takes --json: its last stdout line is then one JSON object summarising the result.
 Exit code 0 on success; otherwise non-zero with a one-line reason on stderr. Heavy imports (Ray, torch,
@@ -256,6 +256,74 @@ def _add_demo(sub) -> None:
     _add_common(p)
     p.set_defaults(handler="subsume.commands:cmd_demo")
 
+def _add_downstream(sub) -> None:
+    """`subsume downstream`: linear probe or finetune on a labelled KEY with a train/test split."""
+    p = sub.add_parser("downstream", help="linear probe or finetune of a trained student on a labelled, split KEY",
+                       description="Train a linear probe (frozen student) or finetune the student with a linear "
+                                   "head on the samples of KEY whose split label is 'train', and report clip-level "
+                                   "and video-level (multi-clip: mean of a video's clip logits) accuracy on the "
+                                   "'test' samples, beside the teacher's own embeddings under the same linear "
+                                   "probe. Extract the labelled folder first from a manifest with a split column "
+                                   "(see `subsume manifest`).")
+    p.add_argument("--checkpoint", required=True, metavar="CK",
+                   help="a checkpoint or a run folder (its latest checkpoint); local, Ray Train layout or s3://")
+    p.add_argument("--key", required=True, help="the KEY the labelled, split folder was extracted into")
+    p.add_argument("--store", default=None, metavar="ROOT", help="store holding KEY (default: the checkpoint's)")
+    p.add_argument("--label", default="action", help="label column holding the class (default action)")
+    p.add_argument("--protocol", choices=["linear", "finetune"], default="linear",
+                   help="linear: frozen student, logistic regression; finetune: student + head end to end "
+                        "(default linear)")
+    p.add_argument("--split-column", default="split", help="label column holding train/test (default split)")
+    p.add_argument("--clips-per-segment", type=int, default=2, metavar="N",
+                   help="evenly spaced clips per stored segment for testing (and linear training) (default 2)")
+    p.add_argument("--epochs", type=int, default=10, help="finetune epochs (default 10)")
+    p.add_argument("--lr", type=float, default=1e-3, help="finetune: the head's learning rate (default 1e-3)")
+    p.add_argument("--encoder-lr", type=float, default=1e-4,
+                   help="finetune: the student's learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per batch (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the head's init and the finetune order (default 0)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="(default cpu)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="also write the JSON result and per-video test predictions (FILE and FILE's stem + "
+                        "'.predictions.csv')")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_storage(p)
+    _add_common(p)
+    p.set_defaults(handler="subsume.commands:cmd_downstream")
+
+
+def _add_manifest(sub) -> None:
+    """`subsume manifest ...`: a labelled manifest with a train/test split column."""
+    p = sub.add_parser("manifest", help="write a labelled manifest with a train/test split column",
+                       description="Write the CSV manifest `subsume extract --videos` reads, with a class label "
+                                   "and a 'split' column (train/test): from UCF101's or HMDB51's official split "
+                                   "files, or by holding out a fraction of an existing manifest.")
+    msub = p.add_subparsers(dest="manifest_command", required=True, metavar="SOURCE")
+    for name, files in (("ucf101", "the ucfTrainTestlist folder (classInd.txt, trainlist0N.txt, testlist0N.txt)"),
+                        ("hmdb51", "the testTrainMulti_7030_splits folder (<class>_test_split<N>.txt)")):
+        a = msub.add_parser(name, help=f"{name.upper()} official split N", description=f"{name.upper()}: "
+                            f"official split N from {files}; videos at VIDEOS/<class>/<file>.avi.")
+        a.add_argument("--splits", required=True, metavar="DIR", help=files)
+        a.add_argument("--videos", required=True, metavar="DIR",
+                       help="the folder holding one subfolder per class (a local folder or an fsspec URL)")
+        a.add_argument("--split", type=int, default=1, choices=[1, 2, 3], help="official split (default 1)")
+        a.add_argument("--label", default="action", help="name of the class column (default action)")
+        a.add_argument("--out", required=True, metavar="FILE.csv", help="manifest to write")
+        _add_common(a)
+        a.set_defaults(handler="subsume.commands:cmd_manifest")
+    h = msub.add_parser("holdout", help="add a deterministic train/test split to an existing CSV manifest",
+                        description="Copy a CSV manifest with a 'split' column added: per class of --stratify (or "
+                                    "over all videos) a fraction of the videos, chosen by a hash of their video_id, "
+                                    "goes to test. Relative paths are made absolute.")
+    h.add_argument("--manifest", required=True, metavar="FILE.csv", help="the manifest to split (e.g. the demo's)")
+    h.add_argument("--test-fraction", type=float, default=0.3, help="fraction of videos for test (default 0.3)")
+    h.add_argument("--stratify", default=None, metavar="LABEL", help="keep this label's class balance in both splits")
+    h.add_argument("--seed", type=int, default=0, help="another seed gives another split (default 0)")
+    h.add_argument("--out", required=True, metavar="FILE.csv", help="manifest to write")
+    _add_common(h)
+    h.set_defaults(handler="subsume.commands:cmd_manifest")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="subsume",
@@ -268,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(sub)
     _add_store(sub)
     _add_demo(sub)
+    _add_downstream(sub)
+    _add_manifest(sub)
     return parser
 
 

@@ -443,3 +443,79 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from subsume.demo import run_demo
 
     return run_demo(args.workdir, steps=args.steps, workers=args.workers, quiet_json=args.json)
+
+
+def cmd_downstream(args: argparse.Namespace) -> dict[str, Any]:
+    from feature_store.store import KeyNotFound
+    from training.downstream import DownstreamError, downstream_config, run_downstream
+
+    try:
+        cfg = downstream_config(protocol=args.protocol, label=args.label, split_column=args.split_column,
+                                clips_per_segment=args.clips_per_segment, epochs=args.epochs, lr=args.lr,
+                                encoder_lr=args.encoder_lr, batch_size=args.batch_size, seed=args.seed,
+                                device=args.device)
+        result = run_downstream(args.checkpoint, args.key, cfg, root=args.store, storage_options=args.storage_options,
+                                log=(lambda m: None) if args.quiet else _err)
+    except (KeyNotFound, DownstreamError, FileNotFoundError) as e:
+        raise CliError(str(e)) from e
+    summary = result.summary
+    if args.out:
+        summary["predictions_csv"] = _write_downstream(args.out, result)
+    if not args.json:
+        print(format_downstream(summary))
+    return summary
+
+
+def _write_downstream(out: str, result: Any) -> str:
+    """The JSON summary at OUT and the student's per-video test predictions beside it (CSV)."""
+    import csv
+    from collections import Counter
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    scores = result.scores["student"]
+    classes = result.summary["class_names"]
+    path = os.path.splitext(out)[0] + ".predictions.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["video_sha256", "label", "prediction", "clips"])
+        counts = Counter(scores.clip_videos)
+        for v, y, logits in zip(scores.videos, scores.video_labels, scores.video_logits):
+            w.writerow([v, classes[int(y)], classes[int(logits.argmax())], counts[v]])
+    with open(out, "w") as f:
+        json.dump({**result.summary, "predictions_csv": path}, f, indent=1)
+    return path
+
+
+def format_downstream(r: dict[str, Any]) -> str:
+    s, t = r["student"], r["teacher_linear"]
+    lines = [f"{r['protocol']} on {r['key']} v{r['version']}, label {r['label']!r}: {r['classes']} classes, "
+             f"{r['train_samples']} train samples; test {r['test_clips']} clips of {r['test_videos']} videos",
+             f"{'':<16} {'clip':>8} {'video':>8}",
+             f"{'student':<16} {s['clip_accuracy']:>8.3f} {s['video_accuracy']:>8.3f}",
+             f"{'teacher (linear)':<16} {t['clip_accuracy']:>8.3f} {t['video_accuracy']:>8.3f}",
+             f"{'chance (video)':<16} {'':>8} {r['chance_video']:>8.3f}"]
+    return "\n".join(lines + [f"note: {n}" for n in r["notes"]])
+
+
+def cmd_manifest(args: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from pipeline.manifests import ManifestError, holdout_manifest, official_manifest
+
+    try:
+        if args.manifest_command == "holdout":
+            summary = holdout_manifest(args.manifest, args.test_fraction, args.out, stratify=args.stratify,
+                                       seed=args.seed)
+        else:
+            summary = official_manifest(args.manifest_command, args.splits, args.videos, args.split, args.out,
+                                        label_column=args.label)
+    except (ManifestError, OSError) as e:
+        raise CliError(str(e)) from e
+    if summary.missing:
+        _err(f"subsume manifest: {summary.missing} of {summary.videos} videos do not exist (first: "
+             f"{summary.missing_examples[0]}); extraction will record them as missing")
+    if not args.json:
+        print(f"{summary.out}: {summary.videos} videos ({summary.train} train, {summary.test} test"
+              + (f", {summary.classes} classes" if summary.classes else "")
+              + (f"; {summary.left_out} in neither split left out" if summary.left_out else "") + ")")
+    return asdict(summary)

@@ -39,3 +39,28 @@ def _wait_until_registered() -> None:
 
 def crash_after_step_3() -> CrashOnce:
     return CrashOnce(3)
+
+
+class Recorder(TrainCallback):
+    """Watches a run driven by `training.loop.train_worker` with `WorkerEnv(prepare=rec.prepare,
+    callbacks=[rec])`: keeps the module the loop trains, and copies its gradients (as the optimiser used
+    them: after clipping) at the end of the steps named. Weights are read from `module` after the run."""
+
+    def __init__(self, steps: tuple[int, ...] = (1,)):
+        self.steps = set(steps)
+        self.module = None
+        self.grads: dict[int, dict[str, "torch.Tensor"]] = {}
+        self.initial: dict[str, "torch.Tensor"] = {}
+
+    def prepare(self, module):
+        self.module = module
+        self.initial = self.weights()
+        return module
+
+    def on_step_end(self, step: int, env) -> None:
+        if step in self.steps:
+            self.grads[step] = {n: p.grad.detach().clone() for n, p in self.module.named_parameters()
+                                if p.grad is not None}
+
+    def weights(self) -> dict[str, "torch.Tensor"]:
+        return {n: p.detach().clone() for n, p in self.module.named_parameters()}
