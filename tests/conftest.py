@@ -29,6 +29,7 @@ HEAVY_TESTS = (
     "tests/test_multinode.py::",
     "tests/test_train_resume.py::",
     "tests/test_concurrent_extract.py::",
+    "tests/test_cached_online.py::",
 )
 
 
