@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/subsume demo --workdir demo-work
 
 # make test stays under 15 minutes on 2 cores; the multi-minute cluster rehearsals (multi-node, k8s overlays,
-# bitwise resume, concurrent extraction) run in make test-heavy. .ci/run runs both.
+# bitwise resume, concurrent extraction, cached-equals-online training) run in make test-heavy. .ci/run runs both.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not heavy"
 
