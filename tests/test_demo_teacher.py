@@ -171,3 +171,20 @@ def test_sincos_positions_are_distinct():
     assert code.shape == (64, 48)
     dist = torch.cdist(code, code) + torch.eye(64) * 1e9
     assert dist.min() > 0.1  # every patch position gets its own code
+
+
+def test_teacher_probe_script_reads_a_saved_teacher(tmp_path, capsys):
+    from benchmarks import teacher_probe
+
+    out = dt.build_demo_teacher(tmp_path / "teacher", seed=2, steps=2, log=lambda _: None, **QUICK)
+    assert teacher_probe.main(["--teacher", str(out), "--random-seeds", "3", "--train-frames", "24",
+                               "--test-frames", "12", "--json"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(printed[-1])
+    assert set(report["results"]) == {"teacher", "random_init_seed3"}
+    assert report["config"]["train_frames"] == 24 and report["config"]["test_frames"] == 12
+    assert "24 train / 12 test" in printed[0]
+    # The script's teacher is the saved one: its probe on the saved config's frames matches the build's.
+    saved = json.loads((out / dt.INFO_FILE).read_text())["probe"]
+    assert teacher_probe.main(["--teacher", str(out), "--random-seeds", ""]) == 0
+    assert f"{saved['results']['teacher']['shape']['linear']:>9.3f}" in capsys.readouterr().out
