@@ -62,6 +62,7 @@ class DemoTeacherConfig:
     head_dim: int = 64
     crop_scale: tuple[float, float] = (0.3, 1.0)  # area of the random resized crop
     jitter: float = 0.4  # brightness, contrast and saturation factors in [1 - jitter, 1 + jitter]
+    greyscale_p: float = 0.0  # probability of a greyscale view (SimCLR uses 0.2; it trades colour for shape)
     sincos_init: float = 1.0  # scale of the 2D sine-cosine start of the position embeddings (0: CLIP's init)
     probe: frame_probe.ProbeConfig = frame_probe.ProbeConfig()
 
@@ -152,6 +153,9 @@ def augment(images: np.ndarray, cfg: DemoTeacherConfig, gen: torch.Generator) ->
     x = nn.functional.grid_sample(x, _crop_grids(len(x), cfg, gen), mode="bilinear", padding_mode="reflection",
                                   align_corners=False)
     x = _jitter(x, cfg.jitter, gen)
+    if cfg.greyscale_p:
+        grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+        x = torch.where(torch.rand(len(x), 1, 1, 1, generator=gen) < cfg.greyscale_p, grey, x)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -166,6 +166,16 @@ def test_augmentations_keep_hue_and_change_the_view():
             assert int(np.argmax(img[strong].mean(0))) == c  # still red, green or blue
 
 
+def test_greyscale_views_when_asked():
+    images = fp.probe_frames(8, seed=2, size=64).images
+    gen = torch.Generator().manual_seed(0)
+    mean, std = torch.tensor(dt.CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(dt.CLIP_STD).view(1, 3, 1, 1)
+    grey = dt.augment(images, dt.DemoTeacherConfig(greyscale_p=1.0), gen) * std + mean
+    colour = dt.augment(images, dt.DemoTeacherConfig(), gen) * std + mean
+    assert torch.allclose(grey[:, 0], grey[:, 1], atol=1e-5) and torch.allclose(grey[:, 1], grey[:, 2], atol=1e-5)
+    assert (colour[:, 0] - colour[:, 2]).abs().max() > 0.3
+
+
 def test_sincos_positions_are_distinct():
     code = dt.sincos_2d(8, 48)
     assert code.shape == (64, 48)
