@@ -222,7 +222,7 @@ def test_speed_is_not_in_the_set_of_positions(stride):
 
     t = np.arange(0, FRAMES, stride)
     for p in sd.video_params(24, seed=SEED, size=SIZE, frames=FRAMES):
-        slow, fast = (np.array([q.progress(i) for i in t]) for q in (replace(p, speed="slow"), replace(p, speed="fast")))
+        slow, fast = (np.array([replace(p, speed=v).progress(i) for i in t]) for v in ("slow", "fast"))
         assert fast.mean() == pytest.approx(slow.mean(), abs=0.02)
         assert fast.std() == pytest.approx(slow.std(), rel=0.1)
         assert (slow.min(), slow.max(), fast.min(), fast.max()) == pytest.approx((0, 1, 0, 1), abs=0.07)
