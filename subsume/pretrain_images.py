@@ -84,10 +84,12 @@ def render_pretrain_background(size: int, rng: np.random.Generator) -> np.ndarra
     return (c0 * (1.0 - w[..., None]) + c1 * w[..., None]).astype(np.float32)
 
 
-def paint_object(img: np.ndarray, rng: np.random.Generator) -> None:
-    """Paint one random object of PRETRAIN_SHAPES, in a saturated random colour, into `img` (in place)."""
+def paint_object(img: np.ndarray, rng: np.random.Generator) -> int:
+    """Paint one random object of PRETRAIN_SHAPES, in a saturated random colour, into `img` (in place);
+    returns its index in PRETRAIN_SHAPES."""
     size = img.shape[0]
-    shape = PRETRAIN_SHAPES[int(rng.integers(len(PRETRAIN_SHAPES)))]
+    index = int(rng.integers(len(PRETRAIN_SHAPES)))
+    shape = PRETRAIN_SHAPES[index]
     r = float(rng.uniform(*SIZE_RANGE) * size)
     cx, cy = rng.uniform(r * 0.8, size - r * 0.8, size=2)
     rot = rng.uniform(0, 2 * np.pi)
@@ -99,6 +101,7 @@ def paint_object(img: np.ndarray, rng: np.random.Generator) -> None:
                         np.array(rng.uniform(0.45, 1.0)))
     img *= 1.0 - alpha
     img += alpha * colour.astype(np.float32)
+    return index
 
 
 def render_pretrain_images(n: int, *, seed: int = 0, size: int = 64) -> np.ndarray:
@@ -109,6 +112,24 @@ def render_pretrain_images(n: int, *, seed: int = 0, size: int = 64) -> np.ndarr
         img = render_pretrain_background(size, rng)
         for _ in range(1 + int(rng.uniform() < 0.4)):
             paint_object(img, rng)
-        img += rng.normal(0.0, rng.uniform(2.0, 8.0), size=img.shape).astype(np.float32)
-        out[i] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        out[i] = _finish(img, rng)
     return out
+
+
+def render_labelled_images(n: int, *, seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [n, size, size, 3], int64 [n]): one object per image and its index in PRETRAIN_SHAPES, the
+    labels of this world's own task (which of its shapes), never the evaluation's."""
+    out = np.empty((n, size, size, 3), np.uint8)
+    labels = np.empty(n, np.int64)
+    for i in range(n):
+        rng = np.random.default_rng([seed, 0x1ABE1, i])
+        img = render_pretrain_background(size, rng)
+        labels[i] = paint_object(img, rng)
+        out[i] = _finish(img, rng)
+    return out, labels
+
+
+def _finish(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Sensor grain, then uint8."""
+    img += rng.normal(0.0, rng.uniform(2.0, 8.0), size=img.shape).astype(np.float32)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
