@@ -1,5 +1,5 @@
-"""The demo teacher: a real, tiny CLIP pretrained self-supervised on images of another world, saved and
-reloaded like a hub checkpoint, and probed on frames of the evaluation videos."""
+"""The demo teacher: a real, tiny CLIP pretrained on images of another world (supervised on that world's own
+shapes, or SimCLR), saved and reloaded like a hub checkpoint, and probed on frames of the evaluation videos."""
 
 from __future__ import annotations
 
@@ -120,8 +120,31 @@ def test_demo_teacher_saves_and_reloads_like_a_hub_checkpoint(tmp_path):
                 assert 0.0 <= acc <= 1.0 and acc * 18 == pytest.approx(round(acc * 18))  # a count of 18
 
 
-def test_demo_teacher_training_is_deterministic():
-    cfg = dt.DemoTeacherConfig(seed=5, steps=2, **QUICK)
+def test_labelled_pretrain_images_are_deterministic_and_cover_every_shape():
+    images, labels = pi.render_labelled_images(64, seed=3, size=32)
+    assert images.shape == (64, 32, 32, 3) and labels.shape == (64,) and labels.dtype == np.int64
+    again, same = pi.render_labelled_images(64, seed=3, size=32)
+    assert np.array_equal(images, again) and np.array_equal(labels, same)
+    assert set(labels.tolist()) == set(range(len(pi.PRETRAIN_SHAPES)))
+
+
+def test_supervised_pretraining_learns_its_own_labels():
+    # A few images, many steps: the pretraining task must be learnable (the loss falls well below chance).
+    cfg = dt.DemoTeacherConfig(objective="supervised", seed=0, steps=40, lr=3e-3, warmup_steps=5,
+                               crop_scale=(1.0, 1.0), jitter=0.0, **{**QUICK, "batch_size": 16})
+    images, labels = pi.render_labelled_images(16, seed=0, size=cfg.image_size)
+    losses = dt.pretrain_supervised(dt.build_model(cfg), images, labels, cfg, log=lambda _: None)
+    assert np.mean(losses[:3]) > 1.5 and np.mean(losses[-5:]) < 0.5 * np.log(len(pi.PRETRAIN_SHAPES))
+
+
+def test_unknown_objective_is_refused():
+    with pytest.raises(ValueError, match="unknown objective"):
+        dt.train_demo_teacher(dt.DemoTeacherConfig(objective="dino", steps=1, **QUICK), log=lambda _: None)
+
+
+@pytest.mark.parametrize("objective", ["supervised", "simclr"])
+def test_demo_teacher_training_is_deterministic(objective):
+    cfg = dt.DemoTeacherConfig(seed=5, steps=2, objective=objective, **QUICK)
     a, ra = dt.train_demo_teacher(cfg, log=lambda _: None)
     b, rb = dt.train_demo_teacher(cfg, log=lambda _: None)
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
