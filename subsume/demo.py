@@ -1,7 +1,8 @@
 """`subsume demo`: the whole path on the embedded default, explained in plain words.
 
-1. generate labelled sample videos (shape, colour: appearance; direction: motion) as real H.264 .mp4 files
-2. build the demo teacher: a small CLIPVisionModelWithProjection taught appearance and position on frames
+1. generate labelled sample videos (shape, colour: appearance; direction, speed: motion) as real H.264 .mp4 files
+2. build the demo teacher: a small CLIPVisionModelWithProjection pretrained self-supervised (SimCLR) on still
+   images of other shapes and colours, never on the sample videos or their labels
 3. extract: decode, sample, run the teacher once, write shards to a local store (Ray Data)
 4. train a video student on the cached targets (Ray Train, 2 workers)
 5. evaluate: kNN / linear probe on held-out videos, student vs random student vs teacher
@@ -17,7 +18,7 @@ from typing import Any
 
 from feature_store.spec import SamplingSpec, StorageSpec, TeacherSpec
 
-DEMO_VIDEOS = 288  # 3 shapes x 3 colours x 4 directions, 8 of each
+DEMO_VIDEOS = 288  # 3 shapes x 3 colours x 4 directions x 2 speeds, 4 of each
 VIDEO_FPS = 12.0  # the sample videos: 48 frames at 12 fps, the shape crossing much of the frame
 DEMO_FPS = 4.0  # sampled at 4 fps: one 16-frame segment spans the whole motion, so views far apart differ
 DEMO_SEGMENT = 16
@@ -68,7 +69,7 @@ def run_demo(workdir: str, *, steps: int | None = None, workers: int | None = No
         generate_videos(videos_dir, DEMO_VIDEOS, seed=0, size=64, frames=48, fps=VIDEO_FPS)
     else:
         say(f"[1/5] sample videos already in {videos_dir}")
-    say(f"[2/5] demo teacher in {teacher_dir} (trained once on single frames: shape, colour, position)")
+    say(f"[2/5] demo teacher in {teacher_dir} (pretrained once, SimCLR on unlabelled still images of other shapes)")
     build_demo_teacher(teacher_dir, seed=0, image_size=64, log=say)
 
     say("[3/5] extracting: decode -> sample at 4 fps -> 16-frame segments -> teacher (once) -> shards")
@@ -104,12 +105,13 @@ def _story(ev: dict[str, Any]) -> str:
     lines = ["What happened:"]
     for name, row in ev["per_label"].items():
         s, r, t = row["student_knn"], row["random_student_knn"], row["teacher_knn"]
-        kind = "motion" if name == "direction" else "appearance"
+        kind = "motion" if name in ("direction", "speed") else "appearance"
         lines.append(f"  {name} ({kind}): trained student {s:.2f} vs random student {r:.2f} vs image teacher {t:.2f}"
                      f" (chance {row['chance']:.2f})")
-    lines.append("  The image teacher sees one frame at a time: it knows shape, colour and where the shape is, but "
-                 "its average over a clip cannot tell direction (a left-moving clip shows the same frames as a "
-                 "right-moving one played backwards). The student, trained only to predict the teacher's "
+    lines.append("  The image teacher sees one frame at a time and never saw these videos or their labels (what it "
+                 "tells about their shape and colour is measured in teacher/demo_teacher.json); its average over a "
+                 "clip cannot tell direction or speed (a left-moving clip shows the same frames as a right-moving "
+                 "one played backwards, a fast one the same stretch of path as a slow one). The student, trained only to predict the teacher's "
                  "embeddings, learns appearance and position per frame; its clip embedding keeps how its "
                  "features change over the clip (their temporal derivative), and the change of position is the "
                  "direction of motion. No labels are used in training.")
