@@ -1,22 +1,23 @@
-"""A small CLIP image tower for the demo, pretrained self-supervised on still images of another world.
+"""A small CLIP image tower for the demo, trained the way real image teachers are: on other images, another task.
 
 Nothing can be downloaded in the demo, and a randomly initialised tiny CLIP maps every image to nearly the
 same direction (cosine ~0.997 between different images): a weak teacher. So the demo builds a small
-`CLIPVisionModelWithProjection` and pretrains it the way real image teachers are pretrained, without
-labels: SimCLR (two augmented views of each image - random resized crop, horizontal flip, brightness,
-contrast and saturation jitter - are pulled together and pushed away from the other images' views, through
-a projection head that is thrown away). It sees only `subsume.pretrain_images`: other shapes, any colour
-of the hue circle, other backgrounds; never a frame of the evaluation videos, never a label. What it knows
-about the evaluation videos is then measured, not assumed: frozen probes on its embeddings of held-out
-frames (`subsume.frame_probe`), next to the same architecture at random init, recorded in
+`CLIPVisionModelWithProjection` and trains it on still images of ANOTHER world (`subsume.pretrain_images`:
+other shapes - ellipses, rectangles, polygons, stars, crosses, rings, crescents, never a circle, square or
+triangle - in any hue, over other backgrounds), supervised on that world's own labels, the way
+ImageNet-supervised teachers are built (`objective="supervised"`, the default): linear heads on the image
+embedding name which of its 8 shapes is drawn, say where and how big it is in the view and draw its
+centred outline, and a linear head on each patch token names the shape (or background) that patch shows.
+All heads are thrown away. It never sees a frame of the evaluation videos nor any of their labels. What it
+knows about the evaluation videos is then measured, not assumed: frozen probes on its embeddings of
+held-out frames (`subsume.frame_probe`), next to the same architecture at random init, recorded in
 `demo_teacher.json`. What is saved is an ordinary Hugging Face checkpoint (weights, config, image
 processor) that loads with `CLIPVisionModelWithProjection.from_pretrained(folder)` like a hub model.
-Hue is not jittered: a real teacher tells colours apart, and so should this one.
 
-`objective="supervised"` instead trains the way ImageNet-supervised teachers are built: a linear head on
-the image embedding names which of the pretraining world's own shapes (`PRETRAIN_SHAPES`, one object per
-image, `render_labelled_images`) is drawn, on augmented views; the head is thrown away. Those labels are a
-different task on a different distribution: still never a circle, square or triangle, never an evaluation label.
+`objective="simclr"` instead pretrains without labels (SimCLR: two augmented views of each image pulled
+together through a projection head that is thrown away); measured on an earlier version of the pretraining
+images, it learned colour but not shape (docs/method.md). Augmentations: random resized crop, horizontal
+flip, brightness/contrast/saturation jitter; hue is not jittered, because a real teacher tells colours apart.
 """
 
 from __future__ import annotations
@@ -47,17 +48,19 @@ WHAT = {
     "simclr": "tiny CLIPVisionModelWithProjection pretrained from scratch with SimCLR (NT-Xent, projection head "
               "discarded) on unlabelled still images of subsume.pretrain_images: shapes other than the "
               "evaluation's circle/square/triangle, any hue, other backgrounds. " + _NEVER,
-    "supervised": "tiny CLIPVisionModelWithProjection trained from scratch to name which of "
-                  "subsume.pretrain_images' own 8 shapes (none a circle, square or triangle) an image shows "
-                  "(linear head on image_embeds, discarded), on augmented images with any hue and other "
-                  "backgrounds. " + _NEVER,
+    "supervised": "tiny CLIPVisionModelWithProjection trained from scratch on still images of "
+                  "subsume.pretrain_images (one object of 8 shapes, none a circle, square or triangle; any hue; "
+                  "other backgrounds), supervised on that world's own labels with linear heads that were "
+                  "discarded: which of its shapes (cross-entropy on image_embeds), where and how big in the "
+                  "view and its centred outline (squared errors on image_embeds), and per patch token which "
+                  "shape or background the patch shows. " + _NEVER,
 }
 
 
 @dataclass(frozen=True)
 class DemoTeacherConfig:
-    """Model size, pretraining schedule and augmentations; the defaults train in about two minutes on 2 CPU
-    cores."""
+    """Model size, pretraining schedule and augmentations (the defaults: see `demo_teacher.json`'s
+    train_seconds and train_cpu_seconds for what they took)."""
 
     seed: int = 0
     image_size: int = 64
@@ -67,19 +70,23 @@ class DemoTeacherConfig:
     num_heads: int = 4
     mlp_ratio: int = 2
     projection_dim: int = 48
-    # "simclr": NT-Xent on unlabelled images (measured: knows no shape); "supervised": name the pretraining
-    # world's own shape (8 classes, none of them the evaluation's), not yet measured at full schedule.
-    objective: str = "simclr"
-    steps: int = 600
-    batch_size: int = 64  # images per step (SimCLR: each gives two views)
-    lr: float = 2e-3
+    # "supervised": the pretraining world's own labels (shape of 8, none of them the evaluation's; where, how
+    # big, outline; per-patch shape); "simclr": NT-Xent on unlabelled images (measured earlier: no shape).
+    objective: str = "supervised"
+    steps: int = 2000
+    batch_size: int = 32  # images per step (SimCLR: each gives two views)
+    lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 30
-    train_images: int = 6144  # rendered once by subsume.pretrain_images
+    warmup_steps: int = 60
+    train_images: int = 2048  # rendered once by subsume.pretrain_images
     temperature: float = 0.2  # of the NT-Xent loss
     head_hidden: int = 128  # the projection head (thrown away)
     head_dim: int = 64
-    crop_scale: tuple[float, float] = (0.3, 1.0)  # area of the random resized crop (supervised trial: 0.5)
+    crop_scale: tuple[float, float] = (0.8, 1.0)  # area of the random resized crop (the SimCLR trial: 0.3)
+    geometry_weight: float = 1.0  # supervised: weight of the where-and-how-big term next to naming the shape
+    silhouette_weight: float = 4.0  # supervised: weight of the outline term (a mean over 256 cells)
+    patch_weight: float = 1.0  # supervised: weight of naming, per patch token, the shape (or background) it shows
+    patch_cover: float = 0.25  # a patch shows the object when it covers more than this fraction of it
     jitter: float = 0.4  # brightness, contrast and saturation factors in [1 - jitter, 1 + jitter]
     greyscale_p: float = 0.0  # probability of a greyscale view (SimCLR uses 0.2; it trades colour for shape)
     sincos_init: float = 1.0  # scale of the 2D sine-cosine start of the position embeddings (0: CLIP's init)
@@ -135,9 +142,36 @@ def _lr_factor(step: int, cfg: DemoTeacherConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _crop_grids(n: int, cfg: DemoTeacherConfig, gen: torch.Generator) -> torch.Tensor:
-    """[n, H, W, 2] sampling grids: random resized crop (area `crop_scale`, aspect 3/4..4/3) and a
-    horizontal flip with probability 1/2."""
+@dataclass(frozen=True)
+class Crops:
+    """Random resized crops with flips, in normalised coordinates ([-1, 1] across the image): the view's
+    point u shows the image's point (flip * w * u_x + cx, h * u_y + cy)."""
+
+    w: torch.Tensor  # [N] width and height of the crop, fractions of the image
+    h: torch.Tensor
+    cx: torch.Tensor  # [N] centre of the crop
+    cy: torch.Tensor
+    flip: torch.Tensor  # [N] -1 (mirrored) or 1
+
+    def grids(self, size: int) -> torch.Tensor:
+        """[N, size, size, 2] sampling grids for `grid_sample`."""
+        theta = torch.zeros(len(self.w), 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = self.w * self.flip, self.cx
+        theta[:, 1, 1], theta[:, 1, 2] = self.h, self.cy
+        return nn.functional.affine_grid(theta, (len(self.w), 3, size, size), align_corners=False)
+
+    def geometry(self, centre: np.ndarray, radius: np.ndarray, size: int) -> torch.Tensor:
+        """[N, 3] where an object at `centre` (pixels [N, 2]) of `radius` (pixels [N]) is in the view:
+        x and y in [-1, 1] (outside when cropped away) and the log of its radius as a fraction of the view."""
+        c = torch.from_numpy(np.asarray(centre, np.float32)) * (2.0 / size) - 1.0
+        r = torch.from_numpy(np.asarray(radius, np.float32)) / size
+        x = (c[:, 0] - self.cx) / (self.w * self.flip)
+        y = (c[:, 1] - self.cy) / self.h
+        return torch.stack([x, y, torch.log(r / (self.w * self.h).sqrt())], dim=1)
+
+
+def random_crops(n: int, cfg: DemoTeacherConfig, gen: torch.Generator) -> Crops:
+    """Random resized crop (area `crop_scale`, aspect 3/4..4/3) and a horizontal flip with probability 1/2."""
     area = torch.empty(n).uniform_(*cfg.crop_scale, generator=gen)
     log_ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
     w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
@@ -145,11 +179,7 @@ def _crop_grids(n: int, cfg: DemoTeacherConfig, gen: torch.Generator) -> torch.T
     cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - w)
     cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - h)
     flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
-    theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    size = (n, 3, cfg.image_size, cfg.image_size)
-    return nn.functional.affine_grid(theta, size, align_corners=False)
+    return Crops(w, h, cx, cy, flip)
 
 
 def _jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
@@ -168,8 +198,15 @@ def _jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Ten
 
 def augment(images: np.ndarray, cfg: DemoTeacherConfig, gen: torch.Generator) -> torch.Tensor:
     """One augmented view per uint8 [N, H, W, 3] image, CLIP-normalised [N, 3, S, S]."""
+    return augment_with_crops(images, cfg, gen)[0]
+
+
+def augment_with_crops(images: np.ndarray, cfg: DemoTeacherConfig,
+                       gen: torch.Generator) -> tuple[torch.Tensor, Crops]:
+    """`augment`, and the crops it took (to move geometric labels into the views)."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    x = nn.functional.grid_sample(x, _crop_grids(len(x), cfg, gen), mode="bilinear", padding_mode="reflection",
+    crops = random_crops(len(x), cfg, gen)
+    x = nn.functional.grid_sample(x, crops.grids(cfg.image_size), mode="bilinear", padding_mode="reflection",
                                   align_corners=False)
     x = _jitter(x, cfg.jitter, gen)
     if cfg.greyscale_p:
@@ -177,7 +214,7 @@ def augment(images: np.ndarray, cfg: DemoTeacherConfig, gen: torch.Generator) ->
         x = torch.where(torch.rand(len(x), 1, 1, 1, generator=gen) < cfg.greyscale_p, grey, x)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - mean) / std, crops
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -253,27 +290,65 @@ def pretrain(model: CLIPVisionModelWithProjection, images: np.ndarray, cfg: Demo
     return _optimise(model, head, cfg, step_loss, log)
 
 
-def pretrain_supervised(model: CLIPVisionModelWithProjection, images: np.ndarray, labels: np.ndarray,
+def supervised_heads(cfg: DemoTeacherConfig) -> nn.ModuleDict:
+    """Linear heads on the image embedding for the pretraining world's labels (all thrown away)."""
+    grid = pretrain_images.SILHOUETTE
+    return nn.ModuleDict({"shape": nn.Linear(cfg.projection_dim, len(pretrain_images.PRETRAIN_SHAPES)),
+                          "geometry": nn.Linear(cfg.projection_dim, 3),
+                          "silhouette": nn.Linear(cfg.projection_dim, grid * grid),
+                          "patches": nn.Linear(cfg.hidden_size, len(pretrain_images.PRETRAIN_SHAPES) + 1)})
+
+
+def view_silhouettes(silhouettes: np.ndarray, crops: Crops) -> torch.Tensor:
+    """[N, S*S]: the objects' centred silhouettes as the views show them (mirrored with the view)."""
+    sil = torch.from_numpy(silhouettes)
+    return torch.where(crops.flip.view(-1, 1, 1) < 0, sil.flip(-1), sil).flatten(1)
+
+
+def patch_labels(coverage: np.ndarray, shapes: np.ndarray, crops: Crops, cfg: DemoTeacherConfig) -> torch.Tensor:
+    """int64 [N, P]: per patch of the view, 1 + the object's shape where the object covers more than
+    cfg.patch_cover of the patch, else 0 (background); patches in the model's row-major order."""
+    cover = torch.from_numpy(coverage).float().div(255.0).unsqueeze(1)
+    cover = nn.functional.grid_sample(cover, crops.grids(cfg.image_size), mode="bilinear", padding_mode="zeros",
+                                      align_corners=False)
+    cover = nn.functional.avg_pool2d(cover, cfg.patch_size).flatten(1)
+    return torch.where(cover > cfg.patch_cover, torch.from_numpy(shapes)[:, None] + 1, 0)
+
+
+def pretrain_supervised(model: CLIPVisionModelWithProjection, data: pretrain_images.LabelledImages,
                         cfg: DemoTeacherConfig, log: Callable[[str], None]) -> list[float]:
-    """Classify the pretraining world's shapes (cross-entropy of a linear head on the image embedding, the
-    head discarded), on augmented views; returns the loss per step."""
-    head = nn.Linear(cfg.projection_dim, len(pretrain_images.PRETRAIN_SHAPES))
+    """Supervised on the pretraining world's own labels, on augmented views, with linear heads on the
+    image embedding that are thrown away: name which of its shapes is drawn (cross-entropy), say where and
+    how big it is in the view, and draw its outline (its centred silhouette; squared errors weighted by
+    cfg.geometry_weight and cfg.silhouette_weight). Returns the cross-entropy per step (chance: ln 8)."""
+    heads = supervised_heads(cfg)
+    shape_losses: list[float] = []
 
     def step_loss(gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
-        logits = head(model(pixel_values=augment(images[idx.numpy()], cfg, gen)).image_embeds)
-        return nn.functional.cross_entropy(logits, torch.from_numpy(labels)[idx])
+        idx = torch.randint(0, len(data.images), (cfg.batch_size,), generator=gen).numpy()
+        views, crops = augment_with_crops(data.images[idx], cfg, gen)
+        out = model(pixel_values=views)
+        embeds, tokens = out.image_embeds, out.last_hidden_state[:, 1:]
+        shape_loss = nn.functional.cross_entropy(heads["shape"](embeds), torch.from_numpy(data.shape[idx]))
+        shape_losses.append(shape_loss.item())
+        where = crops.geometry(data.centre[idx], data.radius[idx], cfg.image_size)
+        outline = view_silhouettes(data.silhouette[idx], crops)
+        parts = patch_labels(data.coverage[idx], data.shape[idx], crops, cfg)
+        return (shape_loss + cfg.geometry_weight * nn.functional.mse_loss(heads["geometry"](embeds), where)
+                + cfg.silhouette_weight * nn.functional.mse_loss(heads["silhouette"](embeds), outline)
+                + cfg.patch_weight * nn.functional.cross_entropy(heads["patches"](tokens).flatten(0, 1),
+                                                                 parts.flatten()))
 
-    return _optimise(model, head, cfg, step_loss, log)
+    _optimise(model, heads, cfg, step_loss, log)
+    return shape_losses
 
 
 def _run_objective(model: CLIPVisionModelWithProjection, cfg: DemoTeacherConfig,
                    log: Callable[[str], None]) -> tuple[list[float], float]:
     """Render this objective's images and pretrain; returns (losses, the loss at chance)."""
     if cfg.objective == "supervised":
-        images, labels = pretrain_images.render_labelled_images(cfg.train_images, seed=cfg.seed,
-                                                                size=cfg.image_size)
-        return pretrain_supervised(model, images, labels, cfg, log), math.log(len(pretrain_images.PRETRAIN_SHAPES))
+        data = pretrain_images.render_labelled_images(cfg.train_images, seed=cfg.seed, size=cfg.image_size)
+        return pretrain_supervised(model, data, cfg, log), math.log(len(pretrain_images.PRETRAIN_SHAPES))
     if cfg.objective == "simclr":
         images = pretrain_images.render_pretrain_images(cfg.train_images, seed=cfg.seed, size=cfg.image_size)
         return pretrain(model, images, cfg, log), math.log(2 * cfg.batch_size - 1)
@@ -300,11 +375,11 @@ def train_demo_teacher(cfg: DemoTeacherConfig = DemoTeacherConfig(), *,
     """Build the tiny CLIP from `cfg.seed`, pretrain it (cfg.objective), probe it next to its random init.
 
     Returns (model in eval mode, report)."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     model = build_model(cfg)
     random_init = copy.deepcopy(model).eval()
     losses, chance_loss = _run_objective(model, cfg, log)
-    train_seconds = time.perf_counter() - started
+    train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     probe = frame_probe.probe_models({"teacher": embedder(model), "random_init": embedder(random_init)},
                                      replace(cfg.probe, size=cfg.image_size))
     sample = frame_probe.probe_frames(64, seed=cfg.probe.seed + 1, size=cfg.image_size).images
@@ -319,6 +394,7 @@ def train_demo_teacher(cfg: DemoTeacherConfig = DemoTeacherConfig(), *,
         "mean_cosine_between_frames": {"teacher": _mean_cosine(embedder(model)(sample)),
                                        "random_init": _mean_cosine(embedder(random_init)(sample))},
         "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(train_cpu_seconds, 1),  # all threads together: the machine may be shared
         "torch_threads": torch.get_num_threads(),
     }
     return model, report

@@ -4,13 +4,18 @@ A real image teacher (CLIP, DINOv2) was trained on photographs, not on the video
 The demo teacher's stand-in for "photographs" is this generator: one or two objects from a shape set that
 the evaluation videos never draw (ellipses and rectangles that are clearly not round or square, pentagons,
 hexagons, stars, crosses, rings, crescents), in any colour of the hue circle, over gradients, stripes,
-checkerboards or coloured blotches. It draws no circle, no square, no triangle, and no labels: the teacher
-learns from these images self-supervised (`subsume.demo_teacher`).
+checkerboards or coloured blotches (muted, lower in contrast than the objects). It draws no circle, no square,
+no triangle. `render_labelled_images` also gives this world's own labels - which of its shapes, where, how
+big, its outline, which pixels it covers - for the supervised teacher; `render_pretrain_images` gives
+unlabelled images (one or two objects) for the SimCLR option (`subsume.demo_teacher`). Neither ever carries
+an evaluation label.
 
 Pure numpy, drawn from `numpy.random.default_rng([seed, ...])`: the same seed gives the same images.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,7 +23,9 @@ PRETRAIN_SHAPES: tuple[str, ...] = ("ellipse", "rectangle", "pentagon", "hexagon
                                     "crescent")
 BACKGROUNDS: tuple[str, ...] = ("gradient", "stripes", "checker", "blotches")
 ELONGATION = (1.6, 2.6)  # long/short side of ellipses and rectangles: never round, never square
-SIZE_RANGE = (0.10, 0.24)  # object "radius" as a fraction of the image side
+SIZE_RANGE = (0.14, 0.26)  # object "radius" as a fraction of the image side
+SILHOUETTE = 16  # side of the object-centred silhouette grid
+SILHOUETTE_REACH = 1.3  # the grid spans +-1.3 object radii, so every shape fits
 
 
 def hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -57,10 +64,11 @@ def shape_distance(shape: str, x: np.ndarray, y: np.ndarray, r: float, elong: fl
 
 
 def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Two muted background colours (saturation <= 0.5)."""
-    hsv = rng.uniform((0.0, 0.0, 0.2), (1.0, 0.5, 0.9), size=(2, 3))
+    """Two muted background colours (saturation <= 0.35), the second halfway to the first: the pattern
+    has less contrast than the objects do."""
+    hsv = rng.uniform((0.0, 0.0, 0.3), (1.0, 0.35, 0.8), size=(2, 3))
     rgb = hsv_to_rgb(hsv[:, 0], hsv[:, 1], hsv[:, 2])
-    return rgb[0], rgb[1]
+    return rgb[0], 0.5 * (rgb[0] + rgb[1])
 
 
 def render_pretrain_background(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -84,24 +92,61 @@ def render_pretrain_background(size: int, rng: np.random.Generator) -> np.ndarra
     return (c0 * (1.0 - w[..., None]) + c1 * w[..., None]).astype(np.float32)
 
 
-def paint_object(img: np.ndarray, rng: np.random.Generator) -> int:
-    """Paint one random object of PRETRAIN_SHAPES, in a saturated random colour, into `img` (in place);
-    returns its index in PRETRAIN_SHAPES."""
+@dataclass(frozen=True)
+class PaintedObject:
+    """What `paint_object` drew: the pretraining world's own labels of one object."""
+
+    shape: int  # index into PRETRAIN_SHAPES
+    centre: tuple[float, float]  # (x, y) in pixels
+    radius: float  # pixels
+    silhouette: np.ndarray  # float32 [SILHOUETTE, SILHOUETTE], see `silhouette`
+    coverage: np.ndarray  # float32 [H, W] in [0, 1]: how much of each pixel the object covers
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Still images of the pretraining world, one object each, with that world's labels (never the
+    evaluation's): which of its shapes, where, how big."""
+
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    shape: np.ndarray  # int64 [N], index into PRETRAIN_SHAPES
+    centre: np.ndarray  # float32 [N, 2], (x, y) in pixels
+    radius: np.ndarray  # float32 [N], pixels
+    silhouette: np.ndarray  # float32 [N, SILHOUETTE, SILHOUETTE], each object's own `silhouette`
+    coverage: np.ndarray  # uint8 [N, H, W]: 255 * how much of each pixel the object covers
+
+
+def _rotated(dx: np.ndarray, dy: np.ndarray, rot: float) -> tuple[np.ndarray, np.ndarray]:
+    return np.cos(rot) * dx + np.sin(rot) * dy, -np.sin(rot) * dx + np.cos(rot) * dy
+
+
+def silhouette(shape: str, r: float, elong: float, rot: float, grid: int = SILHOUETTE) -> np.ndarray:
+    """float32 [grid, grid] in [0, 1]: the object's coverage on a grid centred on it, spanning
+    +-SILHOUETTE_REACH radii along the image's axes (row-major, y down like the image): its outline,
+    orientation included, whatever its position and size."""
+    g = ((np.arange(grid) + 0.5) / grid * 2 - 1) * SILHOUETTE_REACH * r
+    dy, dx = np.meshgrid(g, g, indexing="ij")
+    x, y = _rotated(dx, dy, rot)
+    return np.clip(0.5 - shape_distance(shape, x, y, r, elong), 0.0, 1.0).astype(np.float32)
+
+
+def paint_object(img: np.ndarray, rng: np.random.Generator) -> PaintedObject:
+    """Paint one random object of PRETRAIN_SHAPES, in a saturated random colour, into `img` (in place)."""
     size = img.shape[0]
     index = int(rng.integers(len(PRETRAIN_SHAPES)))
     shape = PRETRAIN_SHAPES[index]
     r = float(rng.uniform(*SIZE_RANGE) * size)
     cx, cy = rng.uniform(r * 0.8, size - r * 0.8, size=2)
-    rot = rng.uniform(0, 2 * np.pi)
+    rot = float(rng.uniform(0, 2 * np.pi))
+    elong = float(rng.uniform(*ELONGATION))
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    dx, dy = xs - cx, ys - cy
-    x, y = np.cos(rot) * dx + np.sin(rot) * dy, -np.sin(rot) * dx + np.cos(rot) * dy
-    alpha = np.clip(0.5 - shape_distance(shape, x, y, r, float(rng.uniform(*ELONGATION))), 0.0, 1.0)[..., None]
+    x, y = _rotated(xs - cx, ys - cy, rot)
+    alpha = np.clip(0.5 - shape_distance(shape, x, y, r, elong), 0.0, 1.0)[..., None]
     colour = hsv_to_rgb(np.array(rng.uniform(0, 1)), np.array(rng.uniform(0.45, 1.0)),
                         np.array(rng.uniform(0.45, 1.0)))
     img *= 1.0 - alpha
     img += alpha * colour.astype(np.float32)
-    return index
+    return PaintedObject(index, (float(cx), float(cy)), r, silhouette(shape, r, elong, rot), alpha[..., 0])
 
 
 def render_pretrain_images(n: int, *, seed: int = 0, size: int = 64) -> np.ndarray:
@@ -116,17 +161,22 @@ def render_pretrain_images(n: int, *, seed: int = 0, size: int = 64) -> np.ndarr
     return out
 
 
-def render_labelled_images(n: int, *, seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 [n, size, size, 3], int64 [n]): one object per image and its index in PRETRAIN_SHAPES, the
-    labels of this world's own task (which of its shapes), never the evaluation's."""
+def render_labelled_images(n: int, *, seed: int = 0, size: int = 64) -> LabelledImages:
+    """n images of one object each, with this world's own labels (which of its shapes, where, how big),
+    never the evaluation's."""
     out = np.empty((n, size, size, 3), np.uint8)
-    labels = np.empty(n, np.int64)
+    drawn = []
     for i in range(n):
         rng = np.random.default_rng([seed, 0x1ABE1, i])
         img = render_pretrain_background(size, rng)
-        labels[i] = paint_object(img, rng)
+        drawn.append(paint_object(img, rng))
         out[i] = _finish(img, rng)
-    return out, labels
+    return LabelledImages(
+        images=out, shape=np.array([d.shape for d in drawn], np.int64),
+        centre=np.array([d.centre for d in drawn], np.float32).reshape(n, 2),
+        radius=np.array([d.radius for d in drawn], np.float32),
+        silhouette=np.stack([d.silhouette for d in drawn]).reshape(n, SILHOUETTE, SILHOUETTE),
+        coverage=np.rint(255 * np.stack([d.coverage for d in drawn])).astype(np.uint8).reshape(n, size, size))
 
 
 def _finish(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -121,19 +121,60 @@ def test_demo_teacher_saves_and_reloads_like_a_hub_checkpoint(tmp_path):
 
 
 def test_labelled_pretrain_images_are_deterministic_and_cover_every_shape():
-    images, labels = pi.render_labelled_images(64, seed=3, size=32)
-    assert images.shape == (64, 32, 32, 3) and labels.shape == (64,) and labels.dtype == np.int64
-    again, same = pi.render_labelled_images(64, seed=3, size=32)
-    assert np.array_equal(images, again) and np.array_equal(labels, same)
-    assert set(labels.tolist()) == set(range(len(pi.PRETRAIN_SHAPES)))
+    data = pi.render_labelled_images(64, seed=3, size=32)
+    assert data.images.shape == (64, 32, 32, 3) and data.shape.shape == (64,) and data.shape.dtype == np.int64
+    again = pi.render_labelled_images(64, seed=3, size=32)
+    assert np.array_equal(data.images, again.images) and np.array_equal(data.shape, again.shape)
+    assert set(data.shape.tolist()) == set(range(len(pi.PRETRAIN_SHAPES)))
+    assert data.centre.shape == (64, 2) and data.radius.shape == (64,)
+    lo, hi = (32 * f for f in pi.SIZE_RANGE)
+    assert ((data.radius >= lo - 1e-4) & (data.radius <= hi + 1e-4)).all()
+
+
+def test_painted_object_is_where_its_labels_say():
+    rng = np.random.default_rng(7)
+    ys, xs = np.mgrid[0:64, 0:64] + 0.5
+    for _ in range(24):
+        img = np.zeros((64, 64, 3), np.float32)
+        obj = pi.paint_object(img, rng)
+        mask = img.max(-1) > 0.5 * img.max()
+        dist = np.hypot(xs - obj.centre[0], ys - obj.centre[1])[mask]
+        assert dist.max() < 1.25 * obj.radius + 1.0, pi.PRETRAIN_SHAPES[obj.shape]
+        centroid = (xs[mask].mean(), ys[mask].mean())
+        assert np.hypot(centroid[0] - obj.centre[0], centroid[1] - obj.centre[1]) < 0.6 * obj.radius
+
+
+def test_crops_move_the_geometry_with_the_view():
+    # An object's labelled centre, moved by Crops.geometry, is where the view shows the object.
+    cfg = dt.DemoTeacherConfig(crop_scale=(0.5, 1.0), jitter=0.0)
+    size = cfg.image_size
+    img = np.zeros((4, size, size, 3), np.uint8)
+    centres = np.array([[20.0, 40.0], [44.0, 18.0], [32.0, 32.0], [25.0, 27.0]], np.float32)
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    for k, (cx, cy) in enumerate(centres):
+        img[k][np.hypot(xs - cx, ys - cy) < 6] = 255
+    views, crops = dt.augment_with_crops(img, cfg, torch.Generator().manual_seed(3))
+    where = crops.geometry(centres, np.full(4, 6.0, np.float32), size).numpy()
+    for k in range(4):
+        bright = views[k].mean(0).numpy() > 0.5
+        if not bright.any():
+            assert np.abs(where[k, :2]).max() > 0.9  # cropped away: the label says it is outside
+            continue
+        vy, vx = np.nonzero(bright)
+        seen = ((vx.mean() + 0.5) * 2 / size - 1, (vy.mean() + 0.5) * 2 / size - 1)
+        assert np.allclose(seen, where[k, :2], atol=0.12), (seen, where[k])
+        area = bright.sum() / size ** 2 * 4  # in normalised units, [-1, 1]^2 has area 4
+        assert np.exp(where[k, 2]) ** 2 * np.pi * 4 == pytest.approx(area, rel=0.35)
 
 
 def test_supervised_pretraining_learns_its_own_labels():
-    # A few images, many steps: the pretraining task must be learnable (the loss falls well below chance).
-    cfg = dt.DemoTeacherConfig(objective="supervised", seed=0, steps=40, lr=3e-3, warmup_steps=5,
-                               crop_scale=(1.0, 1.0), jitter=0.0, **{**QUICK, "batch_size": 16})
-    images, labels = pi.render_labelled_images(16, seed=0, size=cfg.image_size)
-    losses = dt.pretrain_supervised(dt.build_model(cfg), images, labels, cfg, log=lambda _: None)
+    # A few images, many steps: naming the pretraining world's shapes must be learnable (the loss falls well
+    # below chance); the other terms are off here so that they do not slow it down.
+    cfg = dt.DemoTeacherConfig(objective="supervised", seed=0, steps=60, lr=3e-3, warmup_steps=5,
+                               crop_scale=(1.0, 1.0), jitter=0.0, geometry_weight=0.0, silhouette_weight=0.0,
+                               patch_weight=0.0, **{**QUICK, "batch_size": 16})
+    data = pi.render_labelled_images(16, seed=0, size=cfg.image_size)
+    losses = dt.pretrain_supervised(dt.build_model(cfg), data, cfg, log=lambda _: None)
     assert np.mean(losses[:3]) > 1.5 and np.mean(losses[-5:]) < 0.5 * np.log(len(pi.PRETRAIN_SHAPES))
 
 
@@ -210,13 +251,16 @@ def test_teacher_probe_script_reads_a_saved_teacher(tmp_path, capsys):
     from benchmarks import teacher_probe
 
     out = dt.build_demo_teacher(tmp_path / "teacher", seed=2, steps=2, log=lambda _: None, **QUICK)
-    assert teacher_probe.main(["--teacher", str(out), "--random-seeds", "3", "--train-frames", "24",
-                               "--test-frames", "12", "--json"]) == 0
+    assert teacher_probe.main(["--teacher", str(out), "--random-seeds", "3,4", "--probe-seeds", "7,8",
+                               "--train-frames", "24", "--test-frames", "12", "--json"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     report = json.loads(printed[-1])
-    assert set(report["results"]) == {"teacher", "random_init_seed3"}
+    assert report["probe_seeds"] == [7, 8] and len(report["results"]) == 2
+    assert set(report["results"][0]) == {"teacher", "random_init_seed3", "random_init_seed4"}
     assert report["config"]["train_frames"] == 24 and report["config"]["test_frames"] == 12
-    assert "24 train / 12 test" in printed[0]
+    assert "24 train / 12 test per probe seed (7,8)" in printed[0]
+    mean = np.mean([r["random_init_seed3"]["shape"]["linear"] for r in report["results"]])
+    assert any(line.startswith("random_init_seed3") and f"{mean:>9.3f}" in line for line in printed)
     # The script's teacher is the saved one: its probe on the saved config's frames matches the build's.
     saved = json.loads((out / dt.INFO_FILE).read_text())["probe"]
     assert teacher_probe.main(["--teacher", str(out), "--random-seeds", ""]) == 0
