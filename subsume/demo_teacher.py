@@ -433,7 +433,7 @@ def _image_processor_class() -> type:
 def build_demo_teacher(out_dir: str | Path, *, seed: int = 0, image_size: int = 64,
                        steps: int = DemoTeacherConfig.steps, log: Callable[[str], None] = print,
                        **overrides) -> Path:
-    """Pretrain (about two minutes on 2 cores with the defaults), probe and save the demo teacher into `out_dir`.
+    """Train (see `demo_teacher.json` for how long it took), probe and save the demo teacher into `out_dir`.
 
     Returns `out_dir` at once, without training, when `out_dir/demo_teacher.json` exists already.
     `overrides`: other `DemoTeacherConfig` fields (e.g. batch_size, train_images, probe).
