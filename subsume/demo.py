@@ -1,7 +1,8 @@
 """`subsume demo`: the whole path on the embedded default, explained in plain words.
 
-1. generate labelled sample videos (shape, colour: appearance; direction: motion) as real H.264 .mp4 files
-2. build the demo teacher: a small CLIPVisionModelWithProjection taught appearance and position on frames
+1. generate labelled sample videos (shape, colour: appearance; direction, speed: motion) as real H.264 .mp4 files
+2. build the demo teacher: a small CLIPVisionModelWithProjection trained on still images of another world (naming
+   that world's own shapes, none of them the videos'), never on the sample videos or their labels
 3. extract: decode, sample, run the teacher once, write shards to a local store (Ray Data)
 4. train a video student on the cached targets (Ray Train, 2 workers)
 5. evaluate: kNN / linear probe on held-out videos, student vs random student vs teacher
@@ -10,14 +11,16 @@ Steps 1-2 are skipped when their outputs exist; 3 reuses the store (nothing is r
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from feature_store.spec import SamplingSpec, StorageSpec, TeacherSpec
 
-DEMO_VIDEOS = 288  # 3 shapes x 3 colours x 4 directions, 8 of each
+DEMO_VIDEOS = 288  # 3 shapes x 3 colours x 4 directions x 2 speeds, 4 of each
 VIDEO_FPS = 12.0  # the sample videos: 48 frames at 12 fps, the shape crossing much of the frame
 DEMO_FPS = 4.0  # sampled at 4 fps: one 16-frame segment spans the whole motion, so views far apart differ
 DEMO_SEGMENT = 16
@@ -68,8 +71,9 @@ def run_demo(workdir: str, *, steps: int | None = None, workers: int | None = No
         generate_videos(videos_dir, DEMO_VIDEOS, seed=0, size=64, frames=48, fps=VIDEO_FPS)
     else:
         say(f"[1/5] sample videos already in {videos_dir}")
-    say(f"[2/5] demo teacher in {teacher_dir} (trained once on single frames: shape, colour, position)")
+    say(f"[2/5] demo teacher in {teacher_dir} (trained once on still images of other shapes, never these videos)")
     build_demo_teacher(teacher_dir, seed=0, image_size=64, log=say)
+    say("      " + teacher_probe_line(teacher_dir))
 
     say("[3/5] extracting: decode -> sample at 4 fps -> 16-frame segments -> teacher (once) -> shards")
     extract = run_extract(ExtractConfig(
@@ -100,18 +104,31 @@ def run_demo(workdir: str, *, steps: int | None = None, workers: int | None = No
             "wall_s": round(time.perf_counter() - t0, 1)}
 
 
+def teacher_probe_line(teacher_dir: str) -> str:
+    """What the demo teacher knows about the videos' frames, as measured when it was built."""
+    from subsume.demo_teacher import INFO_FILE
+
+    probe = json.loads(Path(teacher_dir, INFO_FILE).read_text())["probe"]
+    res, cfg = probe["results"], probe["config"]
+    parts = [f"{name} {res['teacher'][name]['linear']:.2f} (random init {res['random_init'][name]['linear']:.2f}, "
+             f"chance {probe['chance'][name]:.2f})" for name in res["teacher"]]
+    return (f"teacher's frozen linear probe on {cfg['test_frames']} held-out frames of the sample generator "
+            f"(trained on {cfg['train_frames']}): " + ", ".join(parts))
+
+
 def _story(ev: dict[str, Any]) -> str:
     lines = ["What happened:"]
     for name, row in ev["per_label"].items():
         s, r, t = row["student_knn"], row["random_student_knn"], row["teacher_knn"]
-        kind = "motion" if name == "direction" else "appearance"
+        kind = "motion" if name in ("direction", "speed") else "appearance"
         lines.append(f"  {name} ({kind}): trained student {s:.2f} vs random student {r:.2f} vs image teacher {t:.2f}"
                      f" (chance {row['chance']:.2f})")
-    lines.append("  The image teacher sees one frame at a time: it knows shape, colour and where the shape is, but "
-                 "its average over a clip cannot tell direction (a left-moving clip shows the same frames as a "
-                 "right-moving one played backwards). The student, trained only to predict the teacher's "
-                 "embeddings, learns appearance and position per frame; its clip embedding keeps how its "
-                 "features change over the clip (their temporal derivative), and the change of position is the "
-                 "direction of motion. No labels are used in training.")
+    lines.append("  The image teacher sees one frame at a time and never saw these videos or their labels: it was "
+                 "trained on still images of other shapes (what it knows about these frames was measured when it "
+                 "was built, above, and is in teacher/demo_teacher.json). Its average over a clip cannot tell "
+                 "direction or speed: a left-moving clip shows the same frames as a right-moving one played "
+                 "backwards, a fast one the same stretch of path as a slow one. The student is trained only to "
+                 "predict the teacher's embeddings of its frames; its clip embedding keeps how its features "
+                 "change over the clip (their temporal derivative), which is where motion can show. No labels "
+                 "are used in training.")
     return "\n".join(lines)
-

@@ -1,11 +1,17 @@
-"""Synthetic labelled videos for the demo: one coloured shape moving in a straight line over a noisy texture.
+"""Synthetic labelled videos for the demo: one coloured shape moving along a line over a flickering texture.
 
-Labels: `shape` and `colour` are appearance (any single frame tells them); `direction` is motion only.
-The midpoint of the trajectory (= the clip-average position, the motion being uniform) is drawn from the
-same distribution for every direction, and a left-moving clip has exactly the same SET of positions as a
-right-moving one played backwards. So any order-free pooling of per-frame features (e.g. the mean of
-per-frame image embeddings) cannot tell left from right or up from down; at best the spread of positions
-hints at the axis (horizontal vs vertical). Only a model that sees the order of frames can tell direction.
+Labels: `shape` and `colour` are appearance (any single frame tells them); `direction` and `speed` are
+motion only. The shape goes from a start point to an end point: once at constant speed (`slow`), or there,
+back and there again at three times the speed (`fast`). Both visit the points of the same segment evenly
+and pass its midpoint halfway through the clip; the midpoint is drawn from the same distribution for
+every direction, and a left-moving clip has exactly the same SET of positions as a right-moving one played
+backwards. So any order-free pooling of per-frame features (e.g. the mean of per-frame image embeddings)
+can tell neither direction nor speed; at best the spread of positions hints at the axis (horizontal vs
+vertical). Only a model that sees the order of frames can.
+
+The background texture is drawn anew for every frame (its grey level, blotches and grain), so two clips
+of one video share nothing but the shape and its motion: a video-only method cannot match views of one
+video by their background.
 
 Everything is drawn from `numpy.random.default_rng` seeded by the seed (and the video's index), so the same
 (seed, n_videos) gives the same labels and frames. Rendering is pure numpy; PyAV encodes H.264 (.mp4),
@@ -36,8 +42,10 @@ DIRECTIONS: dict[str, tuple[int, int]] = {  # unit step as (dx, dy); image y gro
     "down": (0, 1),
 }
 DIRECTION_NAMES: tuple[str, ...] = tuple(DIRECTIONS)
-GRID = 3  # position cells per side for `render_training_images`
-MANIFEST_COLUMNS = ("path", "video_id", "shape", "colour", "direction")
+# Passes over the segment start -> end in one clip (odd: every clip starts at the start and ends at the end).
+SPEEDS: dict[str, int] = {"slow": 1, "fast": 3}
+SPEED_NAMES: tuple[str, ...] = tuple(SPEEDS)
+MANIFEST_COLUMNS = ("path", "video_id", "shape", "colour", "direction", "speed")
 
 # Size of the shape (circle radius) as a fraction of the frame side, and how far it travels over the clip
 # as a fraction of the free room along its axis.
@@ -55,16 +63,25 @@ class VideoParams:
     shape: str
     colour: str
     direction: str
+    speed: str
     size: int
     frames: int
     radius: float
     start: tuple[float, float]
-    velocity: tuple[float, float]  # pixels per frame
+    end: tuple[float, float]
     noise_std: float
     texture_seed: int
 
-    def centre(self, t: int) -> tuple[float, float]:
-        return (self.start[0] + self.velocity[0] * t, self.start[1] + self.velocity[1] * t)
+    def progress(self, t: float) -> float:
+        """Where on the segment start -> end the shape is at frame t: 0 at the start, 1 at the end.
+
+        A triangle wave with SPEEDS[speed] passes over the clip, so `fast` reverses twice."""
+        phase = (SPEEDS[self.speed] * t / (self.frames - 1)) % 2.0
+        return phase if phase <= 1.0 else 2.0 - phase
+
+    def centre(self, t: float) -> tuple[float, float]:
+        u = self.progress(t)
+        return (self.start[0] + u * (self.end[0] - self.start[0]), self.start[1] + u * (self.end[1] - self.start[1]))
 
 
 # --- rendering (pure) ----------------------------------------------------------------------------------
@@ -96,7 +113,7 @@ def shape_coverage(shape: str, centre: tuple[float, float], radius: float, size:
 
 
 def render_background(size: int, rng: np.random.Generator) -> np.ndarray:
-    """float32 [size, size, 3]: a static, low-saturation, blotchy grey texture.
+    """float32 [size, size, 3]: a low-saturation, blotchy grey texture with grain.
 
     Low saturation keeps the shapes' pure colours distinct; the blotches make the background non-trivial.
     """
@@ -110,7 +127,7 @@ def render_background(size: int, rng: np.random.Generator) -> np.ndarray:
     rows = field[i0] * (1 - w[..., None]) + field[i0 + 1] * w[..., None]
     smooth = rows[:, i0] * (1 - w[None, :, :]) + rows[:, i0 + 1] * w[None, :, :]
     base = rng.uniform(100.0, 150.0)
-    fine = rng.normal(0.0, 6.0, size=(size, size, 1))  # static grain, same in every frame
+    fine = rng.normal(0.0, 6.0, size=(size, size, 1))  # grain
     return (base + 30.0 * smooth + fine).astype(np.float32)
 
 
@@ -136,40 +153,46 @@ def render_frame(
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+def render_video_frame(params: VideoParams, t: int) -> np.ndarray:
+    """uint8 [H, W, 3]: frame t alone (the same pixels as `render_video(params)[t]`).
+
+    Each frame draws its own background and noise from (texture_seed, t): nothing but the shape and its
+    motion stays the same from frame to frame."""
+    rng = np.random.default_rng([params.texture_seed, t])
+    background = render_background(params.size, rng)
+    noise = rng.normal(0.0, params.noise_std, size=background.shape).astype(np.float32)
+    return render_frame(background, params.shape, params.colour, params.centre(t), params.radius, noise=noise)
+
+
 def render_video(params: VideoParams) -> np.ndarray:
     """uint8 [T, H, W, 3], fully determined by `params`."""
-    rng = np.random.default_rng(params.texture_seed)
-    background = render_background(params.size, rng)
-    out = np.empty((params.frames, params.size, params.size, 3), np.uint8)
-    for t in range(params.frames):
-        noise = rng.normal(0.0, params.noise_std, size=background.shape).astype(np.float32)
-        out[t] = render_frame(background, params.shape, params.colour, params.centre(t), params.radius,
-                              noise=noise)
-    return out
+    return np.stack([render_video_frame(params, t) for t in range(params.frames)])
 
 
 # --- parameters ----------------------------------------------------------------------------------------
 
-def balanced_labels(n: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """n (shape, colour, direction) triples; each label's class counts differ by at most one.
+def balanced_labels(n: int, rng: np.random.Generator) -> list[tuple[str, str, str, str]]:
+    """n (shape, colour, direction, speed) tuples; each label's class counts differ by at most one.
 
     Index i gets shape i % 3, colour (i + i // 3) % 3 (all 9 shape/colour pairs every 9 videos, colours
-    distinct within each aligned run of 3) and direction i % 4; by the Chinese remainder theorem all 36
-    triples occur every 36 videos. Then the order is shuffled.
+    distinct within each aligned run of 3), direction i % 4 and speed (i + i // 4) % 2 (all 8
+    direction/speed pairs every 8 videos); 9 and 8 being coprime, all 72 combinations occur every 72
+    videos (Chinese remainder theorem). Then the order is shuffled.
     """
-    triples = []
+    tuples = []
     for i in range(n):
         s = i % len(SHAPES)
         c = (i + i // 3) % len(COLOUR_NAMES)
         d = i % len(DIRECTION_NAMES)
-        triples.append((SHAPES[s], COLOUR_NAMES[c], DIRECTION_NAMES[d]))
+        v = (i + i // 4) % len(SPEED_NAMES)
+        tuples.append((SHAPES[s], COLOUR_NAMES[c], DIRECTION_NAMES[d], SPEED_NAMES[v]))
     order = rng.permutation(n)
-    return [triples[k] for k in order]
+    return [tuples[k] for k in order]
 
 
-def sample_video_params(shape: str, colour: str, direction: str, *, size: int, frames: int,
-                        rng: np.random.Generator) -> VideoParams:
-    """Random size, speed, midpoint and noise for one video with the given labels."""
+def sample_video_params(shape: str, colour: str, direction: str, speed: str = "slow", *, size: int,
+                        frames: int, rng: np.random.Generator) -> VideoParams:
+    """Random size, segment, midpoint and noise for one video with the given labels."""
     if frames < 2:
         raise ValueError("a moving shape needs at least 2 frames")
     radius = float(rng.uniform(*RADIUS_RANGE) * size)
@@ -181,11 +204,13 @@ def sample_video_params(shape: str, colour: str, direction: str, *, size: int, f
     lo, hi = margin + travel / 2, size - margin - travel / 2
     mid = (float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)))
     ux, uy = DIRECTIONS[direction]
+    if speed not in SPEEDS:
+        raise ValueError(f"unknown speed {speed!r}; expected one of {SPEED_NAMES}")
     start = (mid[0] - ux * travel / 2, mid[1] - uy * travel / 2)
-    step = travel / (frames - 1)
+    end = (mid[0] + ux * travel / 2, mid[1] + uy * travel / 2)
     return VideoParams(
-        shape=shape, colour=colour, direction=direction, size=size, frames=frames, radius=radius,
-        start=start, velocity=(ux * step, uy * step),
+        shape=shape, colour=colour, direction=direction, speed=speed, size=size, frames=frames, radius=radius,
+        start=start, end=end,
         noise_std=float(rng.uniform(*NOISE_STD_RANGE)),
         texture_seed=int(rng.integers(0, 2**63 - 1)),
     )
@@ -195,8 +220,8 @@ def video_params(n_videos: int, *, seed: int = 0, size: int = 64, frames: int = 
     """The parameters of the videos `generate_videos` writes, in order (no rendering)."""
     labels = balanced_labels(n_videos, np.random.default_rng([seed, 0x1ABE1]))
     return [
-        sample_video_params(s, c, d, size=size, frames=frames, rng=np.random.default_rng([seed, i]))
-        for i, (s, c, d) in enumerate(labels)
+        sample_video_params(s, c, d, v, size=size, frames=frames, rng=np.random.default_rng([seed, i]))
+        for i, (s, c, d, v) in enumerate(labels)
     ]
 
 
@@ -237,7 +262,8 @@ def generate_videos(out_dir: str | Path, n_videos: int, *, seed: int = 0, size: 
                     fps: float = 12.0) -> Path:
     """Write `out_dir/videos/<video_id>.mp4` and `out_dir/manifest.csv`; return the manifest's path.
 
-    Manifest columns: path,video_id,shape,colour,direction. `path` is RELATIVE to the manifest's folder
+    Manifest columns: path,video_id,shape,colour,direction,speed (every column but path and video_id is
+    a label to the pipeline). `path` is RELATIVE to the manifest's folder
     (e.g. `videos/synth00000.mp4`), so the folder can be moved or synced as a whole.
     Classes are balanced per label (counts differ by at most one). The manifest is written last, through
     a temporary name, so its presence means every listed video is complete.
@@ -254,7 +280,7 @@ def generate_videos(out_dir: str | Path, n_videos: int, *, seed: int = 0, size: 
         write_mp4(tmp, render_video(params), fps)
         os.replace(tmp, out_dir / rel)
         rows.append({"path": rel, "video_id": vid, "shape": params.shape, "colour": params.colour,
-                     "direction": params.direction})
+                     "direction": params.direction, "speed": params.speed})
     manifest = out_dir / "manifest.csv"
     tmp = out_dir / ".manifest.csv.tmp"
     with open(tmp, "w", newline="") as f:
@@ -273,42 +299,3 @@ def read_manifest(manifest: str | Path) -> list[dict[str, str]]:
     for row in rows:
         row["path"] = str((manifest.parent / row["path"]).resolve())
     return rows
-
-
-# --- still images for the demo teacher -----------------------------------------------------------------
-
-def position_cell(centre: tuple[float, float], size: int, grid: int = GRID) -> int:
-    """Row-major index of the grid cell holding `centre` (x, y)."""
-    col = min(int(centre[0] * grid / size), grid - 1)
-    row = min(int(centre[1] * grid / size), grid - 1)
-    return row * grid + col
-
-
-def render_training_images(n: int, *, seed: int = 0, size: int = 64) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Single frames like the videos' for teaching an image model appearance and position.
-
-    Returns (images uint8 [n, size, size, 3], labels) with labels int64 arrays `shape` (index into SHAPES),
-    `colour` (index into COLOUR_NAMES) and `position` (cell of the shape's centre on a GRID x GRID grid,
-    row-major). Each label is balanced (counts differ by at most one); the centre is uniform inside its
-    cell, clipped to where the whole shape fits.
-    """
-    rng = np.random.default_rng([seed, 0x7EAC4])
-    labels = {
-        "shape": rng.permutation(np.arange(n) % len(SHAPES)),
-        "colour": rng.permutation(np.arange(n) % len(COLOUR_NAMES)),
-        "position": rng.permutation(np.arange(n) % (GRID * GRID)),
-    }
-    images = np.empty((n, size, size, 3), np.uint8)
-    cell = size / GRID
-    for i in range(n):
-        radius = float(rng.uniform(*RADIUS_RANGE) * size)
-        margin = _extent(radius) + 1.0
-        row, col = divmod(int(labels["position"][i]), GRID)
-        # Keep a gap of a pixel from cell borders so the label is unambiguous.
-        x = rng.uniform(max(col * cell + 1.0, margin), min((col + 1) * cell - 1.0, size - margin))
-        y = rng.uniform(max(row * cell + 1.0, margin), min((row + 1) * cell - 1.0, size - margin))
-        background = render_background(size, rng)
-        noise = rng.normal(0.0, rng.uniform(*NOISE_STD_RANGE), size=background.shape).astype(np.float32)
-        images[i] = render_frame(background, SHAPES[labels["shape"][i]], COLOUR_NAMES[labels["colour"][i]],
-                                 (float(x), float(y)), radius, noise=noise)
-    return images, {k: v.astype(np.int64) for k, v in labels.items()}

@@ -46,10 +46,10 @@ def corpus(sample_videos, tmp_path_factory) -> Path:
     rows = list(csv.DictReader(open(sample_videos)))
     for name in ("oneframe", "cut"):
         rows.append({"path": f"videos/{name}.{'avi' if name == 'cut' else 'mp4'}", "video_id": name,
-                     "shape": "", "colour": "", "direction": ""})
+                     "shape": "", "colour": "", "direction": "", "speed": ""})
     for name in ("empty", "text", "random", "missing", "truncated"):
         rows.append({"path": f"videos/{name}.mp4", "video_id": name, "shape": "circle", "colour": "red",
-                     "direction": "left"})
+                     "direction": "left", "speed": "slow"})
     with open(root / "manifest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -98,6 +98,7 @@ def test_store_follows_the_format(extracted):
     assert len(index) == out["samples"] == manifest["counts"]["samples"]
     assert all(len(r["frame_indices"]) == 8 and len(r["timestamps"]) == 8 for r in index)
     assert {dict(r["labels"])["direction"] for r in index if r["labels"]} <= {"left", "right", "up", "down"}
+    assert {dict(r["labels"])["speed"] for r in index if r["labels"]} <= {"slow", "fast"}
     from feature_store.reader import shard_urls
 
     urls = shard_urls(str(store), out["key"])  # plain webdataset over the version's shard list
@@ -151,7 +152,7 @@ def test_train_on_two_ray_workers_then_eval(extracted, ray_address, tmp_path):
     # Only the run folder: its latest checkpoint (Ray Train layout) names the store, KEY and held-out fraction.
     rc, ev, _ = run_cli(["eval", "--checkpoint", str(tmp_path / "run"), "--json"])
     assert ev["checkpoint"] == ckpt and ev["heldout_fraction"] == 0.25 and ev["key"] == key
-    assert ev["n"] > 0 and set(ev["per_label"]) == {"shape", "colour", "direction"}
+    assert ev["n"] > 0 and set(ev["per_label"]) == {"shape", "colour", "direction", "speed"}
     for name in ("student_knn", "teacher_knn"):
         assert 0.0 <= ev[name] <= 1.0
 
