@@ -264,16 +264,18 @@ def _figures(r: dict[str, Any]) -> dict[str, Any]:
             **{k: sig(v) if isinstance(v, float) else v for k, v in rest.items()}}
 
 
-def run(session: Any) -> BenchResult:
+def run(session: Any, address: str | None = None) -> BenchResult:
+    """`address`: a running cluster to use (the tests' shared one); by default one is started and stopped."""
     cfg = session.cfg
     sizes = tuple(sorted(cfg.ingest_sizes))
     lo, hi = str(sizes[0]), str(sizes[-1])
     videos = make_videos(session.workdir / "ingest-videos", cfg.ingest_new, cfg.fps, cfg.seed)
-    address, temp = start_cluster()
+    address, temp = (address, "") if address else start_cluster()
     try:
         out = {str(n): _size(session, n, videos, address) for n in sizes}
     finally:
-        stop_cluster(temp)
+        if temp:
+            stop_cluster(temp)
     ratios = {mode: sig(out[hi][mode]["peak_rss_mib"] / out[lo][mode]["peak_rss_mib"]) for mode in ("dry_run", "real")}
     plan_ratio = sig(out[hi]["dry_run"]["plan_s"] / out[lo]["dry_run"]["plan_s"])
     notes = []

@@ -26,7 +26,7 @@ from feature_store.runs import write_run
 from feature_store.snapshot import Snapshot
 from feature_store.store import HEARTBEAT_S, CommitBatch, FeatureStore, new_run_id
 from pipeline.decode import DecodeLimits
-from pipeline.plan import Plan, index_for_shas, index_for_sources, join_known, make_plan
+from pipeline.plan import Plan, index_for_shas, index_for_sources, join_known, make_plan, release_memory
 from pipeline.sources import hash_video, listing_table
 from pipeline.records import Failure
 from pipeline.results import WriterResult
@@ -311,7 +311,7 @@ class StageLines:
         self._step, self._since = "", self.t0
 
     def __call__(self, step: str, msg: str) -> None:
-        pa.default_memory_pool().release_unused()  # a step's scratch goes back to the OS: peaks do not stack
+        release_memory()  # a step's scratch goes back to the OS: the steps' peaks do not stack
         now = time.perf_counter()
         if self._step:
             self.seconds[f"{self._step}_s"] = round(now - self._since, 3)

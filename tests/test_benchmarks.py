@@ -245,14 +245,14 @@ def test_ray_free_preset_runs_end_to_end_without_ray(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ingest_scale_quick_preset_plans_the_whole_listing_and_computes_only_the_new_videos(tmp_path):
+def test_ingest_scale_quick_preset_plans_the_whole_listing_and_computes_only_the_new_videos(tmp_path, ray_address):
     """ingest_scale at toy sizes: real files, a seeded KEY, a dry run and a real run per size in fresh
-    drivers on a cluster of their own; the figures are checked for what was planned and computed, not speed."""
+    driver processes (on the tests' shared cluster); checked for what was planned and computed, not speed."""
     from benchmarks import ingest_scale
     from benchmarks.session import BenchSession
 
     cfg = make_config("cpu", ["ingest_sizes=60,150", "ingest_new=2"])
-    result = ingest_scale.run(BenchSession(cfg, tmp_path, lambda msg: None))
+    result = ingest_scale.run(BenchSession(cfg, tmp_path, lambda msg: None), address=ray_address)
     assert result.name == "ingest_scale" and not result.notes, result.notes
     for n in ("60", "150"):
         dry, real = result.figures["runs"][n]["dry_run"], result.figures["runs"][n]["real"]

@@ -62,11 +62,13 @@ def test_copies_are_decoded_once_each_and_indexed_once(sample_videos, tiny_teach
     shutil.move(folder / src[1].name, folder / "renamed.mp4")
     shutil.copy(src[2], folder / src[2].name)
     second = extract(folder, store, tiny_teacher)
-    assert second["videos_reused"] == 2  # src[0] and its copy: unchanged names, sizes and mtimes
-    assert second["videos_duplicate"] == 1 and second["videos_failed"] == 0
+    assert second["videos_reused"] == 1  # src[0]; its copy is a recorded copy: not decoded again
+    assert second["videos_duplicate"] == 2 and second["videos_failed"] == 0  # the copy, and the renamed bytes
     after = FeatureStore(str(store)).open(key)
     assert after.manifest["counts"]["videos"] == 3
     names = {Path(r["source"]).name for r in after.index.to_pylist()}
     assert "renamed.mp4" not in names and src[2].name in names
+    # the old name is gone from the listing: the next run reuses the content under its new name
     third = extract(folder, store, tiny_teacher, dry_run=True)
-    assert third["to_compute"] == 1 and third["reused"] == 3  # renamed.mp4 is still not in the index by name
+    assert third["to_compute"] == 0 and third["reused"] == 3 and third["duplicates"] == 1
+    assert third["metadata_updates"] == 1
