@@ -93,6 +93,7 @@ class BenchConfig:
     # where its JSON, table and PNGs go ("": WORKDIR/learning/out)
     learning_preset: str = "full"
     learning_steps: int = 0
+    learning_eval_every: int = 0  # validation cadence in steps (0: the preset's, or steps / 8 with learning_steps)
     learning_seeds: int = 0
     learning_lrs: tuple[float, ...] = ()  # the learning rates swept on validation (empty: the preset's)
     learning_threads: int = 0

@@ -73,6 +73,8 @@ def preset_of(cfg: Any) -> LearningPreset:
     p = PRESETS[cfg.learning_preset]
     if cfg.learning_steps:
         p = dataclasses.replace(p, steps=cfg.learning_steps, eval_every=max(1, cfg.learning_steps // 8))
+    if cfg.learning_eval_every:
+        p = dataclasses.replace(p, eval_every=cfg.learning_eval_every)
     if cfg.learning_seeds:
         p = dataclasses.replace(p, seeds=tuple(range(cfg.learning_seeds)))
     if cfg.learning_lrs:
