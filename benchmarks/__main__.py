@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.config import BENCHMARKS, RAY_FREE_BENCHMARKS, make_config
+from benchmarks.config import BENCHMARKS, DEFAULT_BENCHMARKS, RAY_FREE_BENCHMARKS, make_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.report import format_table, json_line
     from benchmarks.runner import check_selection, run_benchmarks
 
-    default_only = RAY_FREE_BENCHMARKS if ray_free else BENCHMARKS
+    default_only = RAY_FREE_BENCHMARKS if ray_free else DEFAULT_BENCHMARKS
     only = tuple(n.strip() for n in args.only.split(",") if n.strip()) or default_only
     try:
         cfg = make_config(args.preset, args.set)

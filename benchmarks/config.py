@@ -14,7 +14,9 @@ from typing import Any
 import yaml
 
 BENCHMARKS = ("cached_vs_online", "extraction", "loader", "reuse", "storage", "scaling", "store_scale",
-              "decode_memory", "multinode", "ingest_scale")
+              "decode_memory", "multinode", "ingest_scale", "learning")
+# What a run without --only does: learning trains ~20 students (about half an hour), so it runs when asked.
+DEFAULT_BENCHMARKS = tuple(n for n in BENCHMARKS if n != "learning")
 # What the GPU preset can run on a machine without Ray, decord or webdataset.
 RAY_FREE_BENCHMARKS = ("cached_vs_online", "extraction", "storage")
 
@@ -89,6 +91,16 @@ class BenchConfig:
     # ingest_scale: corpus sizes (input videos) and how many of them are new (computed by the real run)
     ingest_sizes: tuple[int, ...] = (10_000, 100_000)
     ingest_new: int = 4
+    # learning (benchmarks/learning.py): "quick" (CI-sized) or "full" (demo size, 3 seeds); steps, seeds and
+    # learning rates override the preset's when given; torch threads for its training (0: one per core);
+    # where its JSON, table and PNGs go ("": WORKDIR/learning/out)
+    learning_preset: str = "full"
+    learning_steps: int = 0
+    learning_eval_every: int = 0  # validation cadence in steps (0: the preset's, or steps / 8 with learning_steps)
+    learning_seeds: int = 0
+    learning_lrs: tuple[float, ...] = ()  # the learning rates swept on validation (empty: the preset's)
+    learning_threads: int = 0
+    learning_out: str = ""
 
     def __post_init__(self) -> None:
         unknown = [t for t in (*self.teachers, self.extract_teacher) if t not in TEACHER_SHAPES]

@@ -14,7 +14,7 @@ from benchmarks.session import BenchSession
 # Scaling first: its 1x/2x/4x runs are the first extractions of each set, which reuse, extraction, storage and
 # loader then read. The student-step measurements come last, away from Ray's start-up.
 RUN_ORDER = ("scaling", "reuse", "extraction", "storage", "cached_vs_online", "loader", "store_scale",
-             "decode_memory", "multinode", "ingest_scale")
+             "decode_memory", "multinode", "ingest_scale", "learning")
 # Modules that import Ray, decord or webdataset when the Ray-free preset must not.
 BLOCKED_WHEN_RAY_FREE = ("ray", "decord", "webdataset")
 
@@ -42,8 +42,8 @@ def check_selection(only: tuple[str, ...], ray_free: bool) -> None:
 def run_benchmarks(cfg: BenchConfig, only: tuple[str, ...], workdir: Path, *, ray_free: bool,
                    log: Callable[[str], None]) -> list[BenchResult]:
     """The results in BENCHMARKS order. A benchmark that raises is reported with no value and the error."""
-    from benchmarks import (cached_vs_online, decode_memory, extraction, ingest_scale, loader, multinode, reuse,
-                            scaling, storage, store_scale)
+    from benchmarks import (cached_vs_online, decode_memory, extraction, ingest_scale, learning, loader, multinode,
+                            reuse, scaling, storage, store_scale)
 
     import torch
 
@@ -62,11 +62,12 @@ def run_benchmarks(cfg: BenchConfig, only: tuple[str, ...], workdir: Path, *, ra
         "decode_memory": lambda: decode_memory.run(session),
         "multinode": lambda: multinode.run(session),
         "ingest_scale": lambda: ingest_scale.run(session),
+        "learning": lambda: learning.run(session),
     }
     targets = {"cached_vs_online": cached_vs_online.TARGET, "extraction": extraction.CPU_TARGET,
                "loader": loader.TARGET, "reuse": reuse.TARGET, "storage": storage.TARGET, "scaling": scaling.TARGET,
                "store_scale": store_scale.TARGET, "decode_memory": decode_memory.TARGET,
-               "multinode": multinode.TARGET, "ingest_scale": ingest_scale.TARGET}
+               "multinode": multinode.TARGET, "ingest_scale": ingest_scale.TARGET, "learning": learning.TARGET}
     results: dict[str, BenchResult] = {}
     try:
         for name in RUN_ORDER:

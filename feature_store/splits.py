@@ -13,3 +13,17 @@ def split_score(video_sha256: str) -> float:
 
 def is_heldout(video_sha256: str, fraction: float = 0.2) -> bool:
     return split_score(video_sha256) < fraction
+
+
+SPLITS = ("train", "val", "test")
+
+
+def split_of(video_sha256: str, heldout_fraction: float = 0.2, val_fraction: float = 0.0) -> str:
+    """"test" (the held-out split, exactly `is_heldout`), "val" (the next `val_fraction` of the hash range:
+    for design choices, never for reported numbers) or "train"; deterministic in the video's bytes."""
+    if not (0.0 <= heldout_fraction and 0.0 <= val_fraction and heldout_fraction + val_fraction < 1.0):
+        raise ValueError(f"need fractions >= 0 summing to < 1, got {heldout_fraction} + {val_fraction}")
+    score = split_score(video_sha256)
+    if score < heldout_fraction:
+        return "test"
+    return "val" if score < heldout_fraction + val_fraction else "train"

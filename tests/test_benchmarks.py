@@ -180,6 +180,26 @@ def test_ray_free_selection_rejects_benchmarks_that_need_ray():
         check_selection(("speed",), ray_free=False)
 
 
+def test_learning_is_registered_runs_only_when_asked_and_takes_its_preset():
+    from benchmarks.config import DEFAULT_BENCHMARKS
+    from benchmarks.learning import PRESETS, preset_of
+    from benchmarks.runner import RUN_ORDER, check_selection
+
+    assert "learning" in BENCHMARKS and "learning" in RUN_ORDER and "learning" not in DEFAULT_BENCHMARKS
+    assert set(DEFAULT_BENCHMARKS) | {"learning"} == set(BENCHMARKS)
+    check_selection(("learning",), ray_free=False)
+    with pytest.raises(ValueError, match="learning"):
+        check_selection(("learning",), ray_free=True)  # it extracts through the Ray pipeline
+    assert make_config("cpu").learning_preset == "full" and len(preset_of(make_config("cpu")).seeds) >= 3
+    quick = preset_of(make_config("cpu", ["learning_preset=quick"]))
+    assert quick == PRESETS["quick"] and len(quick.seeds) == 1
+    short = preset_of(make_config("cpu", ["learning_steps=40", "learning_seeds=4", "learning_lrs=1e-3,3e-3"]))
+    assert short.steps == 40 and short.eval_every == 5 and short.seeds == (0, 1, 2, 3)
+    assert short.lrs == (1e-3, 3e-3)
+    with pytest.raises(ValueError, match="learning_preset"):
+        preset_of(make_config("cpu", ["learning_preset=huge"]))
+
+
 # -- measurement helpers ---------------------------------------------------------------------------------
 
 

@@ -86,7 +86,10 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # > 0: rank 0 logs held-out kNN accuracy per label every N steps (knn_<label>)
     max_failures: int = 2  # Ray Train FailureConfig: worker restarts from the last checkpoint
-    byol_momentum: float = 0.99
+    # BYOL's base EMA momentum; the loop raises it to 1 along BYOL's cosine schedule (objective.cosine_momentum)
+    byol_momentum: float = 0.996
+    # iboot: condition the clip predictor on the offset between the two windows (IBootHead.offset_conditioning)
+    offset_conditioning: bool = False
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # beside metrics.jsonl; see SINKS
     # Import paths ("package.module:factory") of training callbacks each worker builds (training/callbacks.py).
     callbacks: list[str] = field(default_factory=list)

@@ -20,7 +20,7 @@ from feature_store.reader import SplitFilter, iter_samples
 from feature_store.store import FeatureStore
 from training.checkpoint import EXPORT_DIR, RunLineage, read_lineage
 from training.data import resize_frames
-from training.models import StudentConfig, build_student, video_to_input
+from training.models import StudentConfig, build_student, video_to_input, with_temporal_derivative
 
 
 @dataclass
@@ -36,15 +36,33 @@ class EmbeddedSplit:
         return len(self.videos)
 
 
-def _window(frames: np.ndarray, length: int) -> np.ndarray:
+def centre_window(frames: np.ndarray, length: int) -> np.ndarray:
+    """The `length` frames in the middle of a segment: the one clip of a sample that evaluation embeds."""
     start = max((frames.shape[0] - length) // 2, 0)
     return frames[start:start + length]
 
 
 @torch.no_grad()
-def _embed_batch(model: torch.nn.Module, cfg: StudentConfig, clips: list[np.ndarray]) -> np.ndarray:
+def embed_clips(model: torch.nn.Module, cfg: StudentConfig, clips: list[np.ndarray]) -> np.ndarray:
+    """uint8 clips [T, H, W, 3] -> the student's clip embeddings [N, E] (resized to its input size)."""
     x = resize_frames(torch.from_numpy(np.stack(clips)), cfg.image_size)
     return model(video_to_input(x, cfg)).clip.float().numpy()
+
+
+TEACHER_READOUTS = ("mean", "mean_derivative", "concat")
+
+
+def teacher_readout(targets: np.ndarray, kind: str = "mean") -> np.ndarray:
+    """Standardised teacher embeddings of clips' frames [N, T, D] -> one vector per clip: "mean" (the plain
+    frame average), "mean_derivative" (the students' temporal readout: the mean of the frames and of their
+    temporal derivative, `models.with_temporal_derivative`) or "concat" (the frames side by side, [N, T * D])."""
+    if kind == "mean":
+        return targets.mean(axis=1)
+    if kind == "mean_derivative":
+        return with_temporal_derivative(torch.from_numpy(np.ascontiguousarray(targets)), dim=1).mean(dim=1).numpy()
+    if kind == "concat":
+        return targets.reshape(targets.shape[0], -1)
+    raise ValueError(f"unknown teacher readout {kind!r}; expected one of {TEACHER_READOUTS}")
 
 
 def embed_split(store: FeatureStore, snapshot: Any, split: SplitFilter, models: dict[str, torch.nn.Module],
@@ -62,13 +80,13 @@ def embed_split(store: FeatureStore, snapshot: Any, split: SplitFilter, models: 
 
     def flush() -> None:
         for name, m in models.items():
-            feats[name].append(_embed_batch(m, cfg, clips))
+            feats[name].append(embed_clips(m, cfg, clips))
         clips.clear()
 
     for s in iter_samples(store, snapshot, split=split):
         if not s["labels"]:
             continue
-        clips.append(_window(s["frames"], cfg.frames))
+        clips.append(centre_window(s["frames"], cfg.frames))
         if teacher_stats:
             mean, std = teacher_stats
             feats["teacher"].append((((s["targets"].astype(np.float32) - mean) / std).mean(0))[None])

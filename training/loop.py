@@ -69,7 +69,7 @@ class ObjectiveModule(nn.Module):
         student = build_student(cfg.student)
         if cfg.objective == "iboot":
             self.student = student
-            self.head = IBootHead(student.embed_dim, target_dim)
+            self.head = IBootHead(student.embed_dim, target_dim, offset_conditioning=cfg.offset_conditioning)
             self.weights = cfg.loss
         elif cfg.objective == "byol":
             self.byol = BYOLBaseline(student)

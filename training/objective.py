@@ -92,22 +92,25 @@ class IBootHead(nn.Module):
     """
 
     def __init__(self, embed_dim: int, target_dim: int, *, hidden_dim: int = 1024, proj_dim: int = 256,
-                 frame_hidden_dim: int | None = None, norm: str = "layer") -> None:
+                 frame_hidden_dim: int | None = None, norm: str = "layer",
+                 offset_conditioning: bool = False) -> None:
         super().__init__()
         self.projector = MLP(embed_dim, hidden_dim, proj_dim, norm)
         self.predictor = MLP(proj_dim, hidden_dim, target_dim, norm)
-        # Where the other view is in time: the predictor is told the offset between the two windows, so
-        # predicting the other view's teacher embedding needs the clip's motion (direction and speed),
-        # not just its appearance (an average over unknown offsets would only need appearance).
-        # FiLM (scale and shift) rather than a sum: the answer is roughly position + velocity x offset, a
-        # product the predictor then need not build out of an additive input.
+        self.offset_conditioning = offset_conditioning
+        # Off by default (BYOL's and iBoot's form: predict the other window's mean embedding from this window
+        # alone); measured to do nothing on the demo data (cos_cross == cos_same, docs/method.md).
+        # On: the predictor is told where the other window is (window-start offset, FiLM scale and shift), so
+        # the cross term becomes a forecast that needs the clip's motion as well as its appearance.
         self.offset_embed = nn.Sequential(nn.Linear(2 * OFFSET_FREQS, proj_dim), nn.GELU(),
-                                          nn.Linear(proj_dim, 2 * proj_dim))
+                                          nn.Linear(proj_dim, 2 * proj_dim)) if offset_conditioning else None
         self.frame_head = MLP(embed_dim, frame_hidden_dim or hidden_dim // 2, target_dim, norm)
         self.target_dim = target_dim
 
     def predict_clip(self, clip: Tensor, offset: Tensor | None = None) -> Tensor:
         """[B, E] (+ offset [B]: the target window's start minus this window's, in window lengths) -> [B, D]"""
+        if self.offset_embed is None:
+            return self.predictor(self.projector(clip))
         if offset is None:
             offset = torch.zeros(clip.shape[0], device=clip.device)
         scale, shift = self.offset_embed(fourier_features(offset)).chunk(2, dim=-1)
@@ -153,8 +156,8 @@ def iboot_loss(student: nn.Module, head: IBootHead, view1: Tensor, view2: Tensor
 
     view_i: student inputs [B, L_i, 3, H, W]; targets_i: normalised teacher embeddings [B, L_i, D] of exactly
     those frames. offset [B]: view2's start minus view1's, in frames divided by the window length (None: 0);
-    the predictor is conditioned on it (and on -offset for the other direction), so the cross term asks what
-    the teacher will see *at that time*, which takes motion. Returns the weighted loss and float diagnostics: each term (summed over both views), and
+    a head with `offset_conditioning` conditions its predictor on it (and on -offset for the other direction),
+    so the cross term asks what the teacher will see *at that time*; the default head ignores it. Returns the weighted loss and float diagnostics: each term (summed over both views), and
     mean cosines between predictions and targets (cos_*). Every term stays in the graph, multiplied by its
     weight even when that is 0, so all head parameters get gradients (DDP needs no find_unused_parameters).
     """
@@ -167,7 +170,8 @@ def iboot_loss(student: nn.Module, head: IBootHead, view1: Tensor, view2: Tensor
     if offset is None:
         offset = torch.zeros(view1.shape[0], device=view1.device)
     p1, p2 = head.predict_clip(c1, offset), head.predict_clip(c2, -offset)  # each predicts the OTHER view
-    s1, s2 = head.predict_clip(c1), head.predict_clip(c2)  # each predicts its own view (offset 0)
+    # each predicts its own view (offset 0): the same prediction as p_i when the head ignores offsets
+    s1, s2 = (p1, p2) if head.offset_embed is None else (head.predict_clip(c1), head.predict_clip(c2))
     z1, z2 = targets1.float().mean(dim=1), targets2.float().mean(dim=1)
     q1, q2 = head.predict_frames(f1), head.predict_frames(f2)
 
