@@ -28,7 +28,7 @@ class DataSpec:
     size: int = 64
     fps: float = 4.0  # the demo's sampling: one 16-frame segment spans the whole motion
     segment_frames: int = 16
-    teacher_steps: int = 600
+    teacher_steps: int | None = None  # None: the demo teacher's own (DemoTeacherConfig.steps), as `make demo` builds it
     teacher_overrides: tuple[tuple[str, Any], ...] = ()  # DemoTeacherConfig fields (the quick preset shrinks it)
     heldout_fraction: float = 0.2  # the test split (feature_store.splits.is_heldout)
     val_fraction: float = 0.2
@@ -84,8 +84,8 @@ def build_key(workdir: str, spec: DataSpec, connect: Callable[[], None], log: Ca
     if not os.path.exists(manifest):
         log(f"learning: generating {spec.videos} demo videos in {videos_dir}")
         generate_videos(videos_dir, spec.videos, seed=0, size=spec.size, frames=spec.video_frames, fps=spec.video_fps)
-    build_demo_teacher(teacher_dir, seed=0, image_size=spec.size, steps=spec.teacher_steps, log=log,
-                       **dict(spec.teacher_overrides))
+    steps = {"steps": spec.teacher_steps} if spec.teacher_steps else {}
+    build_demo_teacher(teacher_dir, seed=0, image_size=spec.size, log=log, **steps, **dict(spec.teacher_overrides))
     log("learning: extracting (reuses the store when it holds the KEY already)")
     result = run_extract(ExtractConfig(
         videos=manifest, store=os.path.join(workdir, "store"), teacher=TeacherSpec(model=os.path.abspath(teacher_dir)),

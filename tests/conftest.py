@@ -54,7 +54,10 @@ def ray_address():
     port = _free_port()
     # The nodes hold the S3 test keys, as pods do from their secret: jobs no longer carry credentials.
     env = {**os.environ, **RAY_TEST_ENV, **S3_TEST_CREDENTIALS}
+    # The dashboard agent on a free port too: another Ray on the machine (a user's, a second test run) holds
+    # the default one, and `ray start` would then fail.
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4",
+                    f"--dashboard-agent-listen-port={_free_port()}",
                     "--disable-usage-stats", f"--temp-dir={temp}"], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     address = f"127.0.0.1:{port}"
