@@ -21,12 +21,13 @@ demo: $(STAMP)
 	$(VENV)/bin/subsume demo --workdir demo-work
 
 # make test stays under 15 minutes on 2 cores; the multi-minute cluster rehearsals (multi-node, k8s overlays,
-# bitwise resume, concurrent extraction, cached-equals-online training) run in make test-heavy. .ci/run runs both.
+# bitwise resume, concurrent extraction, cached-equals-online training, the learning and ingest benchmarks' quick
+# presets, downstream through the CLI) run in make test-heavy. .ci/run runs both; both print the slowest tests.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not heavy"
+	$(PY) -m pytest -q -m "not heavy" --durations=25
 
 test-heavy: $(STAMP)
-	$(PY) -m pytest -q -m heavy
+	$(PY) -m pytest -q -m heavy --durations=25
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

@@ -30,6 +30,10 @@ HEAVY_TESTS = (
     "tests/test_train_resume.py::",
     "tests/test_concurrent_extract.py::",
     "tests/test_cached_online.py::",
+    "tests/test_learning.py::test_quick_preset_end_to_end",
+    "tests/test_downstream.py::test_linear_and_finetune_through_the_cli_on_real_videos",
+    "tests/test_downstream.py::test_bad_requests_exit_2_with_a_message",
+    "tests/test_benchmarks.py::test_ingest_scale_quick_preset",
 )
 
 
