@@ -121,8 +121,8 @@ def _story(ev: dict[str, Any]) -> str:
     for name, row in ev["per_label"].items():
         s, r, t = row["student_knn"], row["random_student_knn"], row["teacher_knn"]
         kind = "motion" if name in ("direction", "speed") else "appearance"
-        lines.append(f"  {name} ({kind}): trained student {s:.2f} vs random student {r:.2f} vs image teacher {t:.2f}"
-                     f" (chance {row['chance']:.2f})")
+        lines.append(f"  {name} ({kind}): trained student {s:.2f} vs random student {r:.2f} vs image teacher's frame "
+                     f"mean {t:.2f} (chance {row['chance']:.2f})")
     lines.append("  The image teacher sees one frame at a time and never saw these videos or their labels: it was "
                  "trained on still images of other shapes (what it knows about these frames was measured when it "
                  "was built, above, and is in teacher/demo_teacher.json). Its average over a clip cannot tell "
@@ -130,5 +130,7 @@ def _story(ev: dict[str, Any]) -> str:
                  "backwards, a fast one the same stretch of path as a slow one. The student is trained only to "
                  "predict the teacher's embeddings of its frames; its clip embedding keeps how its features "
                  "change over the clip (their temporal derivative), which is where motion can show. No labels "
-                 "are used in training.")
+                 "are used in training. The comparison with the teacher is not like for like: read out the "
+                 "student's way (mean and temporal derivative), the teacher's own frames tell direction too; "
+                 "`python -m benchmarks --only learning` compares every row with the same readout.")
     return "\n".join(lines)
