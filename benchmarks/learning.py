@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.learning_data import DataSpec, LearningData, prepare
+from subsume.frame_probe import ProbeConfig
 from benchmarks.learning_report import aggregate, markdown_table, plot_curves, reach_ratios, target_value
 from benchmarks.learning_runs import (BYOL, LADDER, Probe, Variant, random_init_scores, step_flops,
                                       teacher_scores, train_and_evaluate, train_config)
@@ -59,7 +60,8 @@ PRESETS: dict[str, LearningPreset] = {
     # CI-sized: every row once, a handful of steps, a teacher trained for a few steps on few images.
     "quick": LearningPreset(
         data=DataSpec(videos=36, teacher_steps=20,
-                      teacher_overrides=(("train_images", 256), ("eval_images", 64), ("batch_size", 32))),
+                      teacher_overrides=(("train_images", 256), ("batch_size", 32),
+                                         ("probe", ProbeConfig(train_frames=64, test_frames=32)))),
         steps=4, eval_every=2, seeds=(0,), lrs=(2e-3,), batch_size=8, warmup_steps=2),
     # The demo's data (288 videos, the demo teacher), 3 seeds per configuration.
     # 20 training runs of 150 steps (~19 GFLOP a step for iBoot, ~26 for BYOL, flop_counter).
