@@ -237,7 +237,7 @@ def _local_copy(source: str, storage_options: dict[str, Any] | None, tmp_dir: st
     import fsspec
 
     fs, remote = fsspec.core.url_to_fs(source, **(storage_options or {}))
-    size = _remote_size(fs, remote, source)
+    size = remote_size(fs, remote, source)
     limits.check_file(size, source)
     folder = tmp_dir or tempfile.gettempdir()
     free = shutil.disk_usage(folder).free
@@ -259,7 +259,8 @@ def _local_copy(source: str, storage_options: dict[str, Any] | None, tmp_dir: st
             os.unlink(tmp)
 
 
-def _remote_size(fs: Any, remote: str, source: str) -> int:
+def remote_size(fs: Any, remote: str, source: str) -> int:
+    """A remote file's size from one `info` call; a missing file or a folder is a DecodeError."""
     try:
         info = fs.info(remote)
     except FileNotFoundError as e:

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from pipeline.decode import TMP_HEADROOM_BYTES, DecodeError, DecodeLimits
+from pipeline.decode import TMP_HEADROOM_BYTES, DecodeError, DecodeLimits, remote_size
 
 CHUNK = 1 << 20
 
@@ -60,15 +60,7 @@ def _hash_local(path: str, limits: DecodeLimits) -> str:
 
 def _download(fs: Any, remote: str, source: str, out: Any, limits: DecodeLimits, folder: str) -> str:
     """Copy `remote` into `out` and hash it on the way, after its size passed the cap and fits the folder."""
-    try:
-        info = fs.info(remote)
-    except FileNotFoundError as e:
-        raise DecodeError("missing", f"{source} does not exist") from e
-    except OSError as e:
-        raise DecodeError("io", f"{source}: {e}") from e
-    if info.get("type") == "directory":
-        raise DecodeError("not_a_video", f"{source} is not a regular file")
-    size = int(info.get("size") or 0)
+    size = remote_size(fs, remote, source)
     limits.check_file(size, source)
     free = shutil.disk_usage(folder).free
     if size + TMP_HEADROOM_BYTES > free:
