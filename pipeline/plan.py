@@ -11,6 +11,8 @@ videos whose labels may have changed (a bounded batch at a time), and never for 
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,7 @@ PLAN_COLUMNS = ["video_sha256", "segment", "segments_total", "source", "source_r
                 "video_size", "video_mtime"]
 KNOWN_COLUMNS = ["source", "video_size", "video_mtime", "video_sha256"]
 BATCH = 4096  # rows turned into Python objects at a time (metadata comparison)
+PLAN_CHUNK = 8192  # videos planned at a time (make_plan): the planner's scratch does not grow with the corpus
 
 
 def release_memory() -> None:
@@ -150,21 +153,38 @@ def _take(table: pa.Table, rows: np.ndarray, column: str, default: Any, type_: p
     return pc.if_else(pa.array(rows < 0), pa.scalar(default, type_), taken)
 
 
-def join_known(listing: pa.Table, index: pa.Table, copies: pa.Table | None = None) -> pa.Table:
+def join_known(listing: pa.Table, index: pa.Table, copies: pa.Table | None = None, *,
+               chunk: int = PLAN_CHUNK) -> pa.Table:
     """The listing with `sha256`: the hash the index (or the KEY's record of copies) holds for an unchanged
-    file (same source, size and mtime), "" otherwise; and `known_copy`. Arrow joins; the listing's order kept."""
-    right = index.select(KNOWN_COLUMNS).filter(pc.greater(index.column("video_size"), 0))
-    right = right.group_by(["source", "video_size", "video_mtime"]).aggregate([("video_sha256", "min")])
-    rows = _lookup(listing, right, ["source", "size", "mtime"], ["source", "video_size", "video_mtime"])
+    file (same source, size and mtime), "" otherwise; and `known_copy`. Arrow joins, `chunk` listed files at a
+    time against their range of names in the index (sorted once); the listing's order kept."""
+    base = listing.drop_columns([c for c in ("sha256", "known_copy") if c in listing.column_names])
+    base = base.append_column("_i", pa.array(np.arange(base.num_rows), pa.int64()))
+    base = base.sort_by([("source", "ascending"), ("_i", "ascending")])
+    index = index.select(KNOWN_COLUMNS).filter(pc.greater(index.column("video_size"), 0)).sort_by("source")
+    copies = copies.select(KNOWN_COLUMNS).sort_by("source") if copies is not None and copies.num_rows else None
+    parts = []
+    for start, end in _chunk_bounds(base.column("source"), chunk):
+        part = base.slice(start, end - start)
+        known = _key_range(copies, "source", part.column("source")) if copies is not None else None
+        parts.append(_join_chunk(part, _key_range(index, "source", part.column("source")), known))
+    if not parts:
+        return PLANNED_SCHEMA.empty_table()
+    return pa.concat_tables(parts).sort_by("_i").select(PLANNED_SCHEMA.names)
+
+
+def _join_chunk(part: pa.Table, index: pa.Table, copies: pa.Table | None) -> pa.Table:
+    """`join_known` for one chunk of the listing and the index (and copies) rows of its names."""
+    right = index.group_by(["source", "video_size", "video_mtime"]).aggregate([("video_sha256", "min")])
+    rows = _lookup(part, right, ["source", "size", "mtime"], ["source", "video_size", "video_mtime"])
     sha = _take(right, rows, "video_sha256_min", "", pa.string())
-    copy = pa.array(np.zeros(listing.num_rows, bool))
+    copy = pa.array(np.zeros(part.num_rows, bool))
     if copies is not None and copies.num_rows:
         known = copies.group_by(["source", "video_size", "video_mtime"]).aggregate([("video_sha256", "min")])
-        at = _lookup(listing, known, ["source", "size", "mtime"], ["source", "video_size", "video_mtime"])
+        at = _lookup(part, known, ["source", "size", "mtime"], ["source", "video_size", "video_mtime"])
         copy = pa.array((at >= 0) & (rows < 0))
         sha = pc.if_else(copy, _take(known, at, "video_sha256_min", "", pa.string()), sha)
-    base = listing.drop_columns([c for c in ("sha256", "known_copy") if c in listing.column_names])
-    return base.append_column("sha256", sha).append_column("known_copy", copy).select(PLANNED_SCHEMA.names)
+    return part.append_column("sha256", sha).append_column("known_copy", copy)
 
 
 def known_hashes(stats: list[tuple[str, int, float]], index: pa.Table) -> list[str]:
@@ -176,7 +196,9 @@ def known_hashes(stats: list[tuple[str, int, float]], index: pa.Table) -> list[s
 class _Ledger:
     """`ledger.decide` over the few failure-state rows that match the listing."""
 
-    def __init__(self, failures: pa.Table, ids: pa.Array, max_attempts: int, retry_failed: bool, judge_now: str):
+    def __init__(self, failures: pa.Table, ids: pa.Array | pa.ChunkedArray, max_attempts: int, retry_failed: bool,
+                 judge_now: str):
+        ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
         rows = failures.filter(pc.is_in(failures.column("failure_id"), value_set=ids)) if failures.num_rows \
             else failures
         self.rows = {r["failure_id"]: r for r in rows.to_pylist()}
@@ -192,39 +214,91 @@ class _Ledger:
 
 
 def make_plan(listing: pa.Table | list[VideoInput], index: pa.Table, failures: pa.Table, *, max_attempts: int,
-              segment_frames: int, retry_failed: bool = False, judge_now: str | None = None) -> Plan:
+              segment_frames: int, retry_failed: bool = False, judge_now: str | None = None,
+              chunk: int = PLAN_CHUNK) -> Plan:
     """`listing`: PLANNED_SCHEMA (or a few VideoInputs); `index`: the KEY version's rows of the listed
-    contents (at least PLAN_COLUMNS); `failures`: its failure state (FAILURES_SCHEMA)."""
+    contents (at least PLAN_COLUMNS); `failures`: its failure state (FAILURES_SCHEMA).
+
+    Planned `chunk` videos at a time, so the planner's scratch (joins, group-bys, filtered copies) is one
+    chunk's, whatever the corpus: known files in content-hash order (copies of one content fall in one chunk;
+    each chunk reads only its hash range of the index, itself sorted once), new files in listing order."""
     if isinstance(listing, list):
         listing = inputs_table(listing)
-    plan = Plan()
-    ids = pc.unique(pa.concat_arrays([_ids(listing, by_sha=True).combine_chunks(),
-                                      _ids(listing, by_sha=False).combine_chunks()]))
-    ledger = _Ledger(failures, ids, max_attempts, retry_failed, judge_now or judge_version())
-    _plan_unreadable(plan, listing.filter(pc.not_equal(listing.column("error"), "")), ledger)
-    ok = listing.filter(pc.equal(listing.column("error"), ""))
-    ok = ok.append_column("_i", pa.array(np.arange(ok.num_rows), pa.int64()))
-    # one file per content: the indexed name first (a recorded copy only when its original is not listed)
-    rank = pc.add(ok.column("_i"), pc.multiply(pc.cast(ok.column("known_copy"), pa.int64()), ok.num_rows))
-    known, dropped = first_per_key(ok.filter(pc.not_equal(ok.column("sha256"), "")).append_column(
-        "_rank", rank.filter(pc.not_equal(ok.column("sha256"), ""))), "sha256", "_rank")
-    known = known.drop_columns(["_rank"])
-    plan.duplicates = dropped.num_rows
-    known = known.sort_by("_i")
+    plan, kw = Plan(), dict(max_attempts=max_attempts, retry_failed=retry_failed,
+                            judge_now=judge_now or judge_version())
+    listing = listing.append_column("_i", pa.array(np.arange(listing.num_rows), pa.int64()))
+    unreadable = listing.filter(pc.not_equal(listing.column("error"), ""))
+    _plan_unreadable(plan, unreadable, _Ledger(failures, _ids(unreadable, by_sha=False), **kw))
+    ok = pc.equal(listing.column("error"), "")
+    new = listing.filter(pc.and_(ok, pc.equal(listing.column("sha256"), "")))
+    known = listing.filter(pc.and_(ok, pc.not_equal(listing.column("sha256"), "")))
+    known = known.sort_by([("sha256", "ascending"), ("_i", "ascending")])
+    index = index.sort_by("video_sha256") if index.num_rows else index
+    works = []
+    for start in range(0, new.num_rows, chunk):
+        part = new.slice(start, chunk)
+        works.append(_work(part, plan, _Ledger(failures, _ids(part, by_sha=False), **kw), by_sha=False))
+    for start, end in _chunk_bounds(known.column("sha256"), chunk):
+        part = known.slice(start, end - start)
+        ledger = _Ledger(failures, _ids(part, by_sha=True), **kw)
+        rows = _key_range(index, "video_sha256", part.column("sha256"))
+        works.append(_plan_known(plan, part, rows, ledger, segment_frames, listing.num_rows))
     release_memory()
-    known = _with_segments(known, index)
-    complete = pc.and_(pc.greater(known.column("n_have"), 0),
-                       pc.greater_equal(known.column("n_have"), known.column("total")))
-    reused = known.filter(complete)
-    plan.reused = reused.num_rows
-    plan.frames_reused = int(pc.sum(known.column("n_have")).as_py() or 0) * segment_frames
-    _metadata_updates(plan, reused, index)
-    release_memory()
-    todo = known.filter(pc.invert(complete))
-    new = ok.filter(pc.equal(ok.column("sha256"), ""))
-    work = pa.concat_tables([_work(todo, plan, ledger, by_sha=True), _work(new, plan, ledger, by_sha=False)])
+    work = pa.concat_tables(works) if works else WORK_SCHEMA.append(pa.field("_i", pa.int64())).empty_table()
     plan.work = work.sort_by("_i").drop_columns(["_i"]) if work.num_rows else WORK_SCHEMA.empty_table()
     return plan
+
+
+def _plan_known(plan: Plan, part: pa.Table, index: pa.Table, ledger: _Ledger, segment_frames: int,
+                n_listed: int) -> pa.Table:
+    """One chunk of known files: one file per content (the indexed name first; a recorded copy only when its
+    original is not listed), complete ones reused (their metadata refreshed), the rest to work rows."""
+    rank = pc.add(part.column("_i"), pc.multiply(pc.cast(part.column("known_copy"), pa.int64()), n_listed))
+    kept, dropped = first_per_key(part.append_column("_rank", rank), "sha256", "_rank")
+    plan.duplicates += dropped.num_rows
+    kept = _with_segments(kept.drop_columns(["_rank"]), index)
+    complete = pc.and_(pc.greater(kept.column("n_have"), 0),
+                       pc.greater_equal(kept.column("n_have"), kept.column("total")))
+    reused = kept.filter(complete)
+    plan.reused += reused.num_rows
+    plan.frames_reused += int(pc.sum(kept.column("n_have")).as_py() or 0) * segment_frames
+    _metadata_updates(plan, reused, index)
+    return _work(kept.filter(pc.invert(complete)), plan, ledger, by_sha=True)
+
+
+def _chunk_bounds(shas: pa.ChunkedArray, size: int) -> Iterator[tuple[int, int]]:
+    """[start, end) row ranges of about `size` rows over sorted hashes, never splitting one hash's rows."""
+    n, start = len(shas), 0
+    while start < n:
+        end = min(n, start + size)
+        while end < n and shas[end] == shas[end - 1]:
+            end += 1
+        yield start, end
+        start = end
+
+
+class _SortedColumn(Sequence):
+    """A sorted Arrow string column as a sequence for `bisect`: values read one at a time, no Python copy."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.column[i].as_py()
+
+
+def _key_range(table: pa.Table, column: str, values: pa.ChunkedArray) -> pa.Table:
+    """The rows of `table` (sorted by `column`) whose `column` lies between the first and last of `values`
+    (sorted): found by bisection, a slice, no copy."""
+    if not table.num_rows or not len(values):
+        return table.slice(0, 0)
+    keys = _SortedColumn(table.column(column))
+    lo = bisect.bisect_left(keys, values[0].as_py())
+    hi = bisect.bisect_right(keys, values[-1].as_py())
+    return table.slice(lo, hi - lo)
 
 
 def _ids(table: pa.Table, *, by_sha: bool) -> pa.ChunkedArray:

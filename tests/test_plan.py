@@ -1,3 +1,4 @@
+import pyarrow as pa
 import pytest
 
 from feature_store.ledger import FAILURES_SCHEMA, judge_version
@@ -236,3 +237,47 @@ def test_only_new_files_with_a_failure_on_record_are_hashed_before_planning(tmp_
     plan = plan_mod.make_plan(out, INDEX_SCHEMA.empty_table(), failures, max_attempts=3, segment_frames=4)
     assert [src for src, _ in plan.quarantined] == [str(tmp_path / "bad.mp4")]
     assert plan.work.column("source").to_pylist() == [str(tmp_path / "new.mp4")]
+
+
+def test_planning_in_chunks_decides_exactly_what_one_pass_decides():
+    """make_plan plans `chunk` videos at a time (bounded scratch): copies of one content straddling a chunk
+    boundary, partial, complete, renamed, failed, new and unreadable videos all come out as in one pass."""
+    index = [row("A", 0, 1), row("B", 0, 2, source="/v/b.mp4", vid="b"), row("D", 0, 1, source="/old/d.mp4", vid="d"),
+             row("E", 0, 1, source="/v/e.mp4", vid="e"), row("G", 0, 1, source="/v/g.mp4", vid="g")]
+    inputs = [vi("/v/g.mp4", "G", vid="g"), vi("/v/a.mp4", "A"), vi("/v/a2.mp4", "A", vid="a2"),
+              vi("/v/a3.mp4", "A", vid="a3"), vi("/v/b.mp4", "B", vid="b"), vi("/v/c.mp4", "C", vid="c"),
+              vi("/v/d.mp4", "D", vid="d"), vi("/v/gone.mp4", "", error="missing"), vi("/v/n1.mp4", "", vid="n1"),
+              vi("/v/f.mp4", "F", vid="f"), vi("/v/n2.mp4", "", vid="n2"), vi("/v/e.mp4", "E", vid="e"),
+              vi("/v/h.mp4", "H", vid="h")]
+    failures = [fail("F", "/v/f.mp4", 3), fail("H", "/v/h.mp4", 1)]
+
+    def decided(chunk):
+        p = make_plan(inputs, index, failures, max_attempts=3, segment_frames=4, chunk=chunk)
+        return (p.work.to_pylist(), p.summary(), sorted(p.quarantined), sorted(p.unreadable), p.retrying, p.partial,
+                sorted(p.metadata_updates, key=lambda u: u["video_sha256"]))
+
+    whole = decided(10_000)
+    assert whole[1]["reused"] == 4 and whole[1]["duplicates"] == 2 and whole[1]["to_compute"] == 5
+    assert [w["source"] for w in whole[0]] == ["/v/b.mp4", "/v/c.mp4", "/v/n1.mp4", "/v/n2.mp4", "/v/h.mp4"]
+    for chunk in (1, 2, 3):
+        assert decided(chunk) == whole, chunk
+    assert list(plan_mod._chunk_bounds(pa.chunked_array([["A", "A", "A", "B", "C", "C"]]), 2)) == [(0, 3), (3, 6)]
+
+
+def test_joining_in_chunks_finds_what_one_join_finds():
+    """join_known joins `chunk` listed names at a time against their slice of the index: same result, in the
+    listing's order (a manifest's order is not the names' order)."""
+    from feature_store.records import COPIES_SCHEMA
+
+    index = rows_table([row("A", 0, 1, source="/v/a.mp4"), row("A", 1, 2, source="/v/a.mp4"),
+                        row("B", 0, 1, source="/v/b.mp4", size=20), row("C", 0, 1, source="/v/c.mp4", mtime=2.0)],
+                       INDEX_SCHEMA)
+    copies = rows_table([{"source": "/v/z.mp4", "video_size": 10, "video_mtime": 1.0, "video_sha256": "A"}],
+                        COPIES_SCHEMA)
+    listing = plan_mod.inputs_table([vi("/v/z.mp4", ""), vi("/v/c.mp4", ""), vi("/v/a.mp4", ""),
+                                     vi("/v/b.mp4", "", size=20), vi("/v/y.mp4", ""), vi("/v/b.mp4", "", size=21)])
+    whole = plan_mod.join_known(listing, index, copies, chunk=10_000)
+    assert whole.column("sha256").to_pylist() == ["A", "", "A", "B", "", ""]
+    assert whole.column("known_copy").to_pylist() == [True, False, False, False, False, False]
+    for chunk in (1, 2, 3):
+        assert plan_mod.join_known(listing, index, copies, chunk=chunk).equals(whole), chunk
