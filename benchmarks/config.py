@@ -100,6 +100,7 @@ class BenchConfig:
     learning_seeds: int = 0
     learning_lrs: tuple[float, ...] = ()  # the learning rates swept on validation (empty: the preset's)
     learning_threads: int = 0
+    learning_headline_only: bool = False  # train only the default iBoot rung and BYOL (no ablations): longer runs
     learning_out: str = ""
 
     def __post_init__(self) -> None:

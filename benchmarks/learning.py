@@ -160,7 +160,8 @@ def run(session: BenchSession) -> BenchResult:
     headline = next(v for v in LADDER if v.name == preset.headline)
     lr_iboot, sweep_iboot = runner.choose_lr(headline)
     lr_byol, sweep_byol = runner.choose_lr(BYOL)
-    trained = {v.name + (" (default)" if v is headline else ""): runner.seeds(v, lr_iboot) for v in LADDER}
+    ladder = [v for v in LADDER if v is headline or not cfg.learning_headline_only]
+    trained = {v.name + (" (default)" if v is headline else ""): runner.seeds(v, lr_iboot) for v in ladder}
     trained[BYOL.name] = runner.seeds(BYOL, lr_byol)
     labels = sorted(data.labels)
     rows = {**fixed_rows(runner, headline, lr_iboot), **trained}
@@ -172,7 +173,8 @@ def run(session: BenchSession) -> BenchResult:
     counts = data.counts()
     note = (f"test split: {counts['test']['samples']} clips of {counts['test']['videos']} videos; validation "
             f"{counts['val']['samples']}; train {counts['train']['samples']}; seeds {list(preset.seeds)}; "
-            f"{preset.steps} steps of {preset.batch_size} clips")
+            f"{preset.steps} steps of {preset.batch_size} clips"
+            + ("; ablation rungs not run (learning_headline_only)" if cfg.learning_headline_only else ""))
     (out / "learning.md").write_text(f"{table}\n\n{note}\n")
     plots = plot_curves(trained, labels, str(out))
     figures = {"preset": cfg.learning_preset, "key": data.key, "labels": labels, "splits": counts,

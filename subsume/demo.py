@@ -130,7 +130,7 @@ def _story(ev: dict[str, Any]) -> str:
                  "backwards, a fast one the same stretch of path as a slow one. The student is trained only to "
                  "predict the teacher's embeddings of its frames; its clip embedding keeps how its features "
                  "change over the clip (their temporal derivative), which is where motion can show. No labels "
-                 "are used in training. The comparison with the teacher is not like for like: read out the "
-                 "student's way (mean and temporal derivative), the teacher's own frames tell direction too; "
-                 "`python -m benchmarks --only learning` compares every row with the same readout.")
+                 "are used in training. The comparison with the teacher is not like for like (its frame mean "
+                 "against the student's own readout, one seed); `python -m benchmarks --only learning` reads the "
+                 "teacher's frames out the students' ways too, beside a video-only baseline, over 3 seeds.")
     return "\n".join(lines)
