@@ -218,8 +218,13 @@ def stop_cluster(temp: str, remove: bool = True) -> None:
     """Stop only this cluster's processes (found by its temp dir), never every Ray on the machine."""
     import psutil
 
-    procs = [p for p in psutil.process_iter(["cmdline"])
-             if temp in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid()]
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if temp in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
     for p in procs:
         try:
             p.terminate()

@@ -72,32 +72,9 @@ def ray_address():
 
         if ray.is_initialized():
             ray.shutdown()
-        _stop_cluster(temp)
-        shutil.rmtree(temp, ignore_errors=True)
+        from benchmarks.ingest_scale import stop_cluster
 
-
-def _stop_cluster(temp: str) -> None:
-    """Stop only this run's cluster: `ray stop` would kill every Ray on the machine (a user's demo too)."""
-    import psutil
-
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if temp in " ".join(p.info["cmdline"] or []):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+        stop_cluster(temp)  # only this run's cluster: `ray stop` would kill every Ray on the machine
 
 
 @pytest.fixture(scope="session")
