@@ -240,12 +240,15 @@ def make_plan(listing: pa.Table | list[VideoInput], index: pa.Table, failures: p
         works.append(_work(part, plan, _Ledger(failures, _ids(part, by_sha=False), **kw), by_sha=False))
     for start, end in _chunk_bounds(known.column("sha256"), chunk):
         part = known.slice(start, end - start)
+        # each chunk matches its own ids against the failure state (few rows): a listing-wide id array
+        # would cost the driver ~0.4 KiB a video (measured), a per-chunk scan of the failures costs time only
         ledger = _Ledger(failures, _ids(part, by_sha=True), **kw)
         rows = _key_range(index, "video_sha256", part.column("sha256"))
         works.append(_plan_known(plan, part, rows, ledger, segment_frames, listing.num_rows))
     release_memory()
-    work = pa.concat_tables(works) if works else WORK_SCHEMA.append(pa.field("_i", pa.int64())).empty_table()
-    plan.work = work.sort_by("_i").drop_columns(["_i"]) if work.num_rows else WORK_SCHEMA.empty_table()
+    work = pa.concat_tables(works) if works else None
+    plan.work = work.sort_by("_i").drop_columns(["_i"]) if work is not None and work.num_rows \
+        else WORK_SCHEMA.empty_table()
     return plan
 
 
