@@ -7,9 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from . import scan
 from .names import name_columns
+from .records import INDEX_SCHEMA
 from .tables import TOKEN, DeltaLocation, find_token
 
 UPDATE_FIELDS = ("source", "source_raw", "video_id", "labels", "video_size", "video_mtime")
@@ -38,7 +39,8 @@ def apply_metadata_updates(index: DeltaLocation, updates: list[dict[str, Any]], 
     src = updates_table(updates)
     table = index.open()
     base = table.version()
-    before = table.to_pyarrow_dataset().to_table(filter=pc.field("video_sha256").isin(src.column("video_sha256")))
+    videos = scan.Match("video_sha256", src.column("video_sha256"))
+    before = scan.read(scan.dataset(table, INDEX_SCHEMA), where=videos)
     token = uuid.uuid4().hex
     props = CommitProperties(custom_metadata={TOKEN: token, "run_id": run_id, "subsume_op": "metadata_update"})
     try:
@@ -51,7 +53,7 @@ def apply_metadata_updates(index: DeltaLocation, updates: list[dict[str, Any]], 
             raise
         return landed
     version = find_token(index, token, base)
-    after = index.open(version).to_pyarrow_dataset().to_table(filter=pc.field("video_sha256").isin(src.column("video_sha256")))
+    after = scan.read(scan.dataset(index.open(version), INDEX_SCHEMA), where=videos)  # string_view files: scan.py
     _record_digest_change(index, version, table_digest(after), table_digest(before))
     return version
 

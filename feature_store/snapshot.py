@@ -13,8 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import scan
 from .ledger import FAILURES_SCHEMA, LEDGER_SCHEMA, ledger_state
 from .records import COPIES_SCHEMA, INDEX_SCHEMA, SHARDS_SCHEMA, Fidelity, ShardRecord, TargetStats
+from .scan import Match
 from .spec import FeatureSpec, to_dict
 
 if TYPE_CHECKING:
@@ -63,16 +65,16 @@ class Snapshot:
         if self.version == 0:
             return None
         if self.__dict__.get("_ds") is None:  # building it costs O(files): once per snapshot
-            self._ds = self.store.tables(self.key).index.open(self.version).to_pyarrow_dataset()
+            self._ds = scan.dataset(self.store.tables(self.key).index.open(self.version), INDEX_SCHEMA)
         return self._ds
 
-    def index_columns(self, columns: list[str] | None = None, filter=None) -> pa.Table:  # noqa: A002
-        """Raw index rows of this version (duplicates included), only `columns`, only rows matching `filter`."""
+    def index_columns(self, columns: list[str] | None = None, where: Match | None = None) -> pa.Table:
+        """Raw index rows of this version (duplicates included), only `columns`, only rows matching `where`."""
         ds = self._dataset()
         schema = INDEX_SCHEMA if columns is None else pa.schema([INDEX_SCHEMA.field(c) for c in columns])
         if ds is None:
             return schema.empty_table()
-        return ds.to_table(columns=columns, filter=filter).cast(schema)
+        return scan.read(ds, columns, where)
 
     def index_matching(self, columns: list[str], column: str, values: pa.Array) -> pa.Table:
         """Raw index rows whose `column` is in `values` (many values: the listing's names or hashes), one
@@ -85,14 +87,14 @@ class Snapshot:
         return pa.Table.from_batches([b for b in keep if b.num_rows], schema=None).cast(schema) \
             if any(b.num_rows for b in keep) else schema.empty_table()
 
-    def copies(self, columns: list[str] | None = None, filter=None) -> pa.Table:  # noqa: A002
+    def copies(self, columns: list[str] | None = None, where: Match | None = None) -> pa.Table:
         """Files recorded as copies of indexed content (COPIES_SCHEMA; the table's latest version, like the
-        ledger's state a run plans with), only `columns`, only rows matching `filter`."""
+        ledger's state a run plans with), only `columns`, only rows matching `where`."""
         loc = self.store.tables(self.key).copies
         schema = COPIES_SCHEMA if columns is None else pa.schema([COPIES_SCHEMA.field(c) for c in columns])
         if self.version == 0 or not loc.exists():
             return schema.empty_table()
-        return loc.open(fresh=True).to_pyarrow_dataset().to_table(columns=columns, filter=filter).cast(schema)
+        return scan.read(scan.dataset(loc.open(fresh=True), COPIES_SCHEMA), columns, where)
 
     @cached_property
     def _keys(self) -> pa.Table:
@@ -115,7 +117,7 @@ class Snapshot:
     def rows_for_shards(self, shards: list[str], columns: list[str] | None = None) -> pa.Table:
         """This version's index rows of a few shards (a reader's own part), duplicates left out."""
         rows = self.index_columns(columns and sorted(set(columns) | {"sample_key", "shard"}),
-                                  filter=pc.field("shard").isin(shards))
+                                  Match("shard", shards))
         dup = self.duplicates
         if dup.num_rows:
             lost = pc.is_in(pc.binary_join_element_wise(rows.column("sample_key"), rows.column("shard"), "\0"),
@@ -142,7 +144,7 @@ class Snapshot:
             return SHARDS_SCHEMA.empty_table()
         loc = self.store.tables(self.key).shards
         names = pa.array(self.shard_names(), pa.string())
-        recs = loc.open().to_pyarrow_dataset().to_table(filter=pc.field("name").isin(names)).cast(SHARDS_SCHEMA)
+        recs = scan.read(scan.dataset(loc.open(), SHARDS_SCHEMA), where=Match("name", names))
         return first_per_key(recs, "name", "sha256")[0].sort_by("name")
 
     @property
@@ -172,7 +174,7 @@ class Snapshot:
         lv = int(self.commit.get("ledger_version", -1))
         if self.version == 0 or lv < 0:
             return LEDGER_SCHEMA.empty_table()
-        return self.store.tables(self.key).failures.open(lv).to_pyarrow_dataset().to_table().cast(LEDGER_SCHEMA)
+        return scan.read(scan.dataset(self.store.tables(self.key).failures.open(lv), LEDGER_SCHEMA))
 
     @cached_property
     def failures(self) -> pa.Table:

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from feature_store.ledger import FAILURES_SCHEMA, judge_version
 from feature_store.runs import write_run
+from feature_store.scan import Match
 from feature_store.snapshot import Snapshot
 from feature_store.store import HEARTBEAT_S, CommitBatch, FeatureStore, new_run_id
 from pipeline.decode import DecodeLimits
@@ -285,7 +286,7 @@ def plan_run(cfg: ExtractConfig, store: FeatureStore, connect: Callable[[], None
     snapshot = store.open(spec.key) if store.has_key(spec.key) else None
     failures = snapshot.failures if snapshot else FAILURES_SCHEMA.empty_table()
     copies = snapshot.copies(["source", "video_size", "video_mtime", "video_sha256"],
-                             filter=pc.field("source").isin(pc.unique(listing.column("source")))) if snapshot else None
+                             Match("source", pc.unique(listing.column("source")))) if snapshot else None
     listing = join_known(listing, index_for_sources(snapshot, listing.column("source")), copies)
     listing = hash_failed_sources(listing, failures, cfg.storage_options)
     known = int(pc.sum(pc.not_equal(listing.column("sha256"), "")).as_py() or 0)
@@ -333,7 +334,7 @@ def known_contents(snapshot: Snapshot | None) -> Claims:
         return Claims()
 
     def lookup(shas: list[str]) -> pa.Table:
-        return snapshot.index_columns(["video_sha256", "source"], filter=pc.field("video_sha256").isin(shas))
+        return snapshot.index_columns(["video_sha256", "source"], Match("video_sha256", shas))
 
     return Claims(np.unique(sha_prefixes(snapshot.index_columns(["video_sha256"]).column("video_sha256"))), lookup)
 
