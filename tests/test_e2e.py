@@ -138,6 +138,40 @@ def test_second_extract_reuses_everything(extracted, corpus, tiny_teacher, ray_a
     assert verify["ok"]
 
 
+def test_a_split_column_relabels_stored_videos_in_place_and_training_reads_them(extracted, corpus, tiny_teacher,
+                                                                             ray_address, tmp_path):
+    """The downstream walk-through on a store that already holds the videos: a manifest that adds a `split`
+    column reuses every video and relabels its index rows (a Delta MERGE, whose rewritten files deltalake 1.6.6
+    writes with string_view columns); training, downstream and verify then read that version."""
+    from training.data import StreamPosition, StreamSpec, epoch_stream
+    from training.downstream import vocabulary
+
+    store = tmp_path / "store"
+    shutil.copytree(extracted[0], store)  # the module's store stays as the other tests expect it
+    rows = list(csv.DictReader(open(corpus)))
+    manifest = corpus.parent / "split.csv"  # beside the first manifest: the same relative paths
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0], "split"])
+        w.writeheader()
+        w.writerows({**r, "split": "test" if i % 3 == 0 else "train"} for i, r in enumerate(rows))
+    rc, out, _ = run_cli(["extract", "--videos", str(manifest), "--teacher", str(tiny_teacher), "--store", str(store),
+                          *EXTRACT], ray_address)
+    assert out["key"] == extracted[1]["key"] and out["frames_computed"] == 0 and out["metadata_updates"] == 14
+    snap = FeatureStore(str(store)).open(out["key"])
+    want = {r["video_id"]: "test" if i % 3 == 0 else "train" for i, r in enumerate(rows)}
+    spec = StreamSpec(str(store), snap.key, snap.version, {}, rank=0, world_size=1, seed=0, shuffle_buffer=0,
+                      heldout_fraction=0.0, batch_size=1, image_size=16)
+    stream = epoch_stream(spec, 0, 1, StreamPosition())
+    seen = [next(stream)[0] for _ in range(out["samples"])]  # one epoch, as a training loader reads it
+    video_of = dict(zip(snap.index.column("sample_key").to_pylist(), snap.index.column("video_id").to_pylist()))
+    assert len({s["sample_key"] for s in seen}) == out["samples"]
+    assert all(s["labels"]["split"] == want[video_of[s["sample_key"]]] for s in seen)
+    voc = vocabulary(snap, "direction", "split")  # what `subsume downstream` reads first
+    assert voc.train_samples > 0 and voc.test_samples > 0 and set(voc.classes) <= {"left", "right", "up", "down"}
+    rc, report, _ = run_cli(["store", "verify", str(store), out["key"], "--json"])
+    assert report["ok"], report["problems"]
+
+
 def test_train_on_two_ray_workers_then_eval(extracted, ray_address, tmp_path):
     store, ex = extracted
     key = ex["key"]
