@@ -136,12 +136,15 @@ class BenchSession:
             batch_size=self.cfg.extract_batch, teacher_actors=n_teacher, decode_concurrency=n_decode,
             samples_per_shard=self.cfg.samples_per_shard, device=self.cfg.device, progress=False)
 
-    def run_extract(self, manifest: str, store: str) -> dict[str, Any]:
-        """One extraction, timed, with the peak memory of this process and all its descendants."""
+    def run_extract(self, manifest: str, store: str, executor: str = "ray") -> dict[str, Any]:
+        """One extraction, timed, with the peak memory of this process and all its descendants. `executor`:
+        the Ray Data pipeline, or "local" (pipeline.local: this process, Ray left idle)."""
+        import dataclasses
+
         from pipeline.extract import run_extract
 
         self.ensure_ray()
-        ecfg = self.extract_config(manifest, store)
+        ecfg = dataclasses.replace(self.extract_config(manifest, store), executor=executor)
         gc.collect()
         time.sleep(1.0)  # let the previous run's actors exit before the idle figure is taken
         with TreeMemorySampler(self.cfg.rss_interval_s) as mem:

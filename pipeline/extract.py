@@ -2,25 +2,26 @@
 
 The driver plans (what to compute, reuse, skip), streams the pipeline's small per-shard results back,
 and commits them to the KEY every few shards or seconds, so a killed run loses at most the shards
-since its last commit and a rerun finishes the rest.
+since its last commit and a rerun finishes the rest. A small work list with no Ray cluster in sight runs
+the same stages in this process instead (pipeline.local; `choose_executor`).
 """
 
 from __future__ import annotations
 
-import math
 import logging
-
-import numpy as np
+import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from feature_store.spec import FeatureSpec, SamplingSpec, StorageSpec, TeacherSpec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from feature_store.spec import FeatureSpec, SamplingSpec, StorageSpec, TeacherSpec
 from feature_store.ledger import FAILURES_SCHEMA, judge_version
 from feature_store.runs import write_run
 from feature_store.scan import Match
@@ -62,6 +63,33 @@ class ExtractConfig:
     max_in_flight: int = 2  # batches queued per actor (bounded memory: decoded frames never pile up)
     object_store_memory_gb: float | None = None
     decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
+    executor: str = "auto"  # "ray", "local" (this process, no Ray) or "auto" (see choose_executor)
+
+
+# "auto" runs a work list in this process, without Ray, when it is at most this many videos and bytes and no
+# Ray cluster is addressed or running here: starting Ray and its actors costs ~10 s on a small machine, more
+# than such a job takes (docs/benchmarks.md, `extraction`); past these sizes Ray's actor pools win.
+LOCAL_MAX_VIDEOS = 256
+LOCAL_MAX_BYTES = 256 * 2**20
+EXECUTORS = ("auto", "ray", "local")
+
+
+def choose_executor(requested: str, videos: int, video_bytes: int, *, ray_in_use: bool) -> str:
+    """"ray" or "local" for a work list of `videos` files of `video_bytes` in all. `ray_in_use`: a cluster
+    address is set (RAY_ADDRESS) or this process already runs Ray; "auto" then keeps to Ray."""
+    if requested not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, not {requested!r}")
+    if requested != "auto":
+        return requested
+    small = videos <= LOCAL_MAX_VIDEOS and video_bytes <= LOCAL_MAX_BYTES
+    return "local" if small and not ray_in_use else "ray"
+
+
+def _ray_in_use() -> bool:
+    import os
+
+    ray = sys.modules.get("ray")  # not imported: not running here (and no import just to ask)
+    return bool(os.environ.get("RAY_ADDRESS")) or bool(ray is not None and ray.is_initialized())
 
 
 def resolve_feature_spec(cfg: ExtractConfig) -> FeatureSpec:
@@ -346,6 +374,8 @@ class ExtractionRun:
         self.cfg, self.store, self.planned, self.plan = cfg, store, planned, planned.plan
         self.run_id = new_run_id()
         self.judged_by = judge_version()
+        size = int(pc.sum(self.plan.work.column("size")).as_py() or 0) if self.plan.work.num_rows else 0
+        self.executor = choose_executor(cfg.executor, self.plan.work.num_rows, size, ray_in_use=_ray_in_use())
         self.tally = Tally(cfg.sampling.segment_frames, partial=self.plan.partial, retrying=self.plan.retrying,
                            claims=known_contents(planned.snapshot) if self.plan.work.num_rows else Claims())
         self.cadence = CommitCadence(lambda b: store.commit(planned.key, b), self._new_batch,
@@ -363,18 +393,31 @@ class ExtractionRun:
         work = WorkList(self.store, self.planned.key, self.run_id)
         try:  # the lease must stop with the run, also when it fails (a long-lived caller goes on)
             if self.plan.work.num_rows:
-                connect()
-                ensure_visible(self.store.root, WorkListRows(self.plan.work))  # every node sees the local paths
-                ds = build_dataset(self.cfg, self.planned.spec, self.store, self.planned.key, self.run_id, self.plan,
-                                   work)
-                for row in ds.iter_rows():
-                    self._take(WriterResult.from_row(row), progress)
+                results = self._local_results() if self.executor == "local" else self._ray_results(connect, work)
+                for r in results:
+                    self._take(r, progress)
                     self.cadence.maybe()
             self.cadence.flush()
         finally:
             progress.close()
             work.remove()
             lease.end()
+
+    def _ray_results(self, connect: Callable[[], None], work: WorkList) -> Iterator[WriterResult]:
+        connect()
+        ensure_visible(self.store.root, WorkListRows(self.plan.work))  # every node sees the local paths
+        ds = build_dataset(self.cfg, self.planned.spec, self.store, self.planned.key, self.run_id, self.plan, work)
+        for row in ds.iter_rows():
+            yield WriterResult.from_row(row)
+
+    def _local_results(self) -> Iterator[WriterResult]:
+        from pipeline.local import LocalStages, run_local
+
+        cfg, spec = self.cfg, self.planned.spec
+        stages = LocalStages(decode_args(cfg, spec), teacher_args(cfg, spec, local_device(cfg.device), 0),
+                             writer_args(self.store, self.planned.key, self.run_id, spec),
+                             teacher_batch=teacher_batch(cfg, spec), shard_size=cfg.samples_per_shard)
+        return run_local(self.plan.work, stages)
 
     def _take(self, r: WriterResult, progress: Progress) -> None:
         if r.failure is not None:
@@ -403,7 +446,7 @@ class ExtractionRun:
             "shards": len(snap.shards), "shards_written": c["shards_written"], "bytes_written": c["bytes_written"],
             "frames_computed": frames, "frames_reused": plan.frames_reused,
             "metadata_updates": len(plan.metadata_updates), "versions_committed": self.cadence.versions,
-            "wall_s": round(wall, 3), "used_ray": used_ray,
+            "wall_s": round(wall, 3), "used_ray": used_ray, "executor": self.executor,
             "frames_per_s": round(frames / wall, 2) if wall else None,
             "steady_frames_per_s": steady_rate(frames, t.teacher_windows),
             "stage_busy_s": {k: round(v, 3) for k, v in t.timing.items()},
@@ -456,27 +499,48 @@ def build_dataset(cfg: ExtractConfig, spec: FeatureSpec, store: FeatureStore, ke
     ds = work.dataset().map_batches(
         DecodeStage, batch_size=1, batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=1, max_size=n_decode, max_tasks_in_flight_per_actor=cfg.max_in_flight),
-        num_cpus=actors.decode_cpus,
-        fn_constructor_kwargs=dict(sampling=asdict(spec.sampling), preprocess=asdict(spec.preprocess),
-                                   storage=asdict(spec.storage), timeout_s=cfg.decode_timeout,
-                                   storage_options=cfg.storage_options, limits=asdict(cfg.decode_limits)),
-    )
+        num_cpus=actors.decode_cpus, fn_constructor_kwargs=decode_args(cfg, spec))
+    device = "cuda" if use_gpu else ("cpu" if cfg.device == "auto" else cfg.device)
     ds = ds.map_batches(
-        TeacherStage, batch_size=max(1, cfg.batch_size // spec.sampling.segment_frames),
+        TeacherStage, batch_size=teacher_batch(cfg, spec),
         compute=ActorPoolStrategy(size=actors.teacher_actors, max_tasks_in_flight_per_actor=cfg.max_in_flight),
-        num_gpus=actors.teacher_gpus,
-        num_cpus=actors.teacher_cpus,
-        fn_constructor_kwargs=dict(teacher=asdict(cfg.teacher), size=cfg.size,
-                                   device="cuda" if use_gpu else ("cpu" if cfg.device == "auto" else cfg.device),
-                                   precision=cfg.teacher.precision, batch_size=cfg.batch_size, storage=asdict(spec.storage),
-                                   segment_frames=spec.sampling.segment_frames,
-                                   cpu_threads=actors.teacher_threads,
-                                   expect=dict(fingerprint=spec.teacher_fingerprint, embed_dim=spec.embed_dim,
-                                               output_used=spec.output_used)))
+        num_gpus=actors.teacher_gpus, num_cpus=actors.teacher_cpus,
+        fn_constructor_kwargs=teacher_args(cfg, spec, device, actors.teacher_threads))
     ds = ds.map_batches(
         WriteStage, batch_size=cfg.samples_per_shard, num_cpus=actors.writer_cpus,
         compute=ActorPoolStrategy(min_size=1, max_size=actors.writer_actors,
                                   max_tasks_in_flight_per_actor=cfg.max_in_flight),
-        fn_constructor_kwargs=dict(root=store.root, storage_options=store.storage_options, key=key, run_id=run_id,
-                                   storage=asdict(spec.storage)))
+        fn_constructor_kwargs=writer_args(store, key, run_id, spec))
     return ds
+
+
+# The stages' settings, shared by the Ray pipeline and the local one (pipeline.local).
+def decode_args(cfg: ExtractConfig, spec: FeatureSpec) -> dict[str, Any]:
+    return dict(sampling=asdict(spec.sampling), preprocess=asdict(spec.preprocess), storage=asdict(spec.storage),
+                timeout_s=cfg.decode_timeout, storage_options=cfg.storage_options, limits=asdict(cfg.decode_limits))
+
+
+def teacher_args(cfg: ExtractConfig, spec: FeatureSpec, device: str, cpu_threads: int) -> dict[str, Any]:
+    return dict(teacher=asdict(cfg.teacher), size=cfg.size, device=device, precision=cfg.teacher.precision,
+                batch_size=cfg.batch_size, storage=asdict(spec.storage), segment_frames=spec.sampling.segment_frames,
+                cpu_threads=cpu_threads, expect=dict(fingerprint=spec.teacher_fingerprint, embed_dim=spec.embed_dim,
+                                                     output_used=spec.output_used))
+
+
+def writer_args(store: FeatureStore, key: str, run_id: str, spec: FeatureSpec) -> dict[str, Any]:
+    return dict(root=store.root, storage_options=store.storage_options, key=key, run_id=run_id,
+                storage=asdict(spec.storage))
+
+
+def teacher_batch(cfg: ExtractConfig, spec: FeatureSpec) -> int:
+    """Segments per teacher call: `batch_size` frames."""
+    return max(1, cfg.batch_size // spec.sampling.segment_frames)
+
+
+def local_device(device: str) -> str:
+    """The teacher's device in this process: "auto" is the first GPU if torch sees one."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -237,7 +237,10 @@ class TeacherStage:
             self.shapes["patches"] = ((self.t, g, g, self.teacher.patch_dim), dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = from_batch(batch)
+        return to_batch(self.embed_rows(from_batch(batch)), self.shapes)
+
+    def embed_rows(self, rows: list[SegmentRow]) -> list[SegmentRow]:
+        """Targets for the batch's samples; its failures (and a failed batch's videos) as one row per video."""
         ok = [r for r in rows if not r.failed]
         if ok:
             try:
@@ -250,7 +253,7 @@ class TeacherStage:
                 self.failed.update(r.video_sha256 for r in ok)
         for r in rows:
             r.frames = None  # the writer stores the encoded frames; the pixels stop here
-        return to_batch(one_failure_per_video(rows), self.shapes)
+        return one_failure_per_video(rows)
 
     def _embed(self, rows: list[SegmentRow]) -> None:
         t0, wall0 = time.perf_counter(), time.time()
@@ -318,11 +321,15 @@ WRITE_RETRIES = 4  # attempts of one shard write
 WRITE_BACKOFF_S = 0.5  # first wait; doubles after each failed attempt
 
 
-def write_shard_batch(batch: dict[str, np.ndarray], *, root: str, storage_options: dict, key: str, run_id: str,
-                      storage: dict, backoff_s: float = WRITE_BACKOFF_S) -> pa.Table:
+def write_shard_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> pa.Table:
     """Write the samples of a batch as one shard; return one typed result row (pipeline.results) for the shard
-    and one per failed video."""
-    rows = from_batch(batch)
+    and one per failed video (the arguments of `write_shard_rows`)."""
+    return results_table(write_shard_rows(from_batch(batch), **kwargs))
+
+
+def write_shard_rows(rows: list[SegmentRow], *, root: str, storage_options: dict, key: str, run_id: str,
+                     storage: dict, backoff_s: float = WRITE_BACKOFF_S) -> list[WriterResult]:
+    """The samples among `rows` as one shard, and the failed videos among them: one result each."""
     samples = [r for r in rows if not r.failed]
     failures = failure_rows(rows)
     results: list[WriterResult] = []
@@ -335,7 +342,7 @@ def write_shard_batch(batch: dict[str, np.ndarray], *, root: str, storage_option
             failures += failure_rows([SegmentRow.failure(Failure(r.video_sha256, r.source, "write", "write_error",
                                                                  f"{type(e).__name__}: {e}")) for r in samples])
     results += [WriterResult(failure=f) for f in {f.video_sha256 or f.source: f for f in failures}.values()]
-    return results_table(results)
+    return results
 
 
 def _index_row(r: SegmentRow, meta: dict[str, Any]) -> dict[str, Any]:

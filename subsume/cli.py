@@ -136,6 +136,11 @@ def _add_extract(sub) -> None:
                         "loses at most the shards since its last commit (default 8)")
     r.add_argument("--device", default="auto", help="teacher device: auto, cpu, cuda (default auto)")
     r.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
+    r.add_argument("--executor", choices=("auto", "ray", "local"), default="auto",
+                   help="where the stages run: ray (a Ray Data pipeline on the cluster), local (this process, "
+                        "no Ray: decode, teacher and writer threads) or auto (default): local for a work list of "
+                        "at most 256 videos and 256 MiB when no cluster is addressed (--ray-address, "
+                        "RAY_ADDRESS), since starting Ray costs more than such a job; else ray")
     r.add_argument("--dry-run", action="store_true", help="say what would be computed, reused and skipped")
     r.add_argument("--quiet", action="store_true", help="no progress output")
     _add_storage(p)

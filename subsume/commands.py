@@ -135,7 +135,7 @@ def extract_config(args: argparse.Namespace):
         commit_every_shards=args.commit_every, max_in_flight=args.max_in_flight,
         object_store_memory_gb=args.object_store_memory, decode_limits=_decode_limits(args),
         device=args.device, dry_run=args.dry_run, storage_options=args.storage_options,
-        progress=not args.quiet)
+        progress=not args.quiet, executor="ray" if args.ray_address and args.executor == "auto" else args.executor)
 
 
 def _decode_limits(args: argparse.Namespace):

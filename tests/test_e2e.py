@@ -172,6 +172,34 @@ def test_a_split_column_relabels_stored_videos_in_place_and_training_reads_them(
     assert report["ok"], report["problems"]
 
 
+def test_a_small_job_without_a_cluster_runs_in_process_and_stores_what_ray_stores(extracted, corpus, tiny_teacher,
+                                                                                  tmp_path, monkeypatch):
+    """`extract` from a fresh shell with no cluster addressed: the same stages in one process (no Ray), the
+    same samples, failures and targets as the Ray pipeline's run of the module; a rerun computes nothing."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    store = tmp_path / "store"
+    args = ["extract", "--videos", str(corpus), "--teacher", str(tiny_teacher), "--store", str(store), *EXTRACT]
+    rc, out, _ = run_cli(args)
+    ray_store, ray_out = extracted
+    assert out["executor"] == "local" and out["used_ray"] is False and ray_out["executor"] == "ray"
+    assert out["key"] == ray_out["key"]
+    for field in ("videos_ok", "videos_failed", "failures_by_reason", "samples", "frames_computed"):
+        assert out[field] == ray_out[field], field
+    local, remote = _targets_by_sample(store, out["key"]), _targets_by_sample(ray_store, out["key"])
+    assert set(local) == set(remote)
+    # the teacher runs on other torch threads here than in a one-CPU actor: the same up to float16 rounding
+    assert all(np.allclose(local[k], remote[k], rtol=1e-2, atol=1e-3) for k in local)
+    rc, again, _ = run_cli(args)
+    assert again["frames_computed"] == 0 and again["videos_reused"] == out["videos_ok"]
+
+
+def _targets_by_sample(store: Path, key: str) -> dict[str, np.ndarray]:
+    from feature_store.reader import shard_urls
+
+    return {s["__key__"]: npy_load(s["teacher.npy"]).astype(np.float32)
+            for s in wds.WebDataset(shard_urls(str(store), key), shardshuffle=False)}
+
+
 def test_train_on_two_ray_workers_then_eval(extracted, ray_address, tmp_path):
     store, ex = extracted
     key = ex["key"]
