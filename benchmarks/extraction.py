@@ -150,8 +150,12 @@ def run(session: BenchSession, *, ray_free: bool = False) -> BenchResult:
     if ray_free:
         return _ray_free(session)
     cfg = session.cfg
-    runs = {s: session.extract(s) for s in sorted(cfg.scales)}
     big = max(cfg.scales)
+    # the loop and the in-process executor first, before this benchmark starts Ray: a user's fresh shell has no
+    # Ray processes competing for the cores (an earlier benchmark of the same run may have started them)
+    ray_up = session.ray_start_s is not None
+    plain, loops, local = _loop_and_local(session, big)
+    runs = {s: session.extract(s) for s in sorted(cfg.scales)}
     run_ = runs[big]
     b = run_["bench"]
     frames, wall, ray_start = run_["frames_computed"], b["wall_s"], session.ray_start_s or 0.0
@@ -166,28 +170,6 @@ def run(session: BenchSession, *, ray_free: bool = False) -> BenchResult:
                 "stage_busy_frames_per_s": run_.get("stage_frames_per_s"),
                 "shards": run_["shards_written"], "decode_actors": n_decode, "teacher_actors": n_teacher}
 
-    # The baseline is the faster of the loop on one torch thread and on torch's default (all cores): on an idle
-    # machine the latter wins; when other work competes for the cores, a multi-threaded torch process slows
-    # down far more than a single-threaded one, and the pipeline's actors are single-threaded.
-    # Each setting runs `repeats` times (fresh stores, settings interleaved) and its median run counts: one
-    # few-second run moves by 20-30% with whatever else the machine does.
-    # The in-process executor (what `subsume extract` runs for a job this small when no cluster is addressed)
-    # is interleaved with the loop's runs: both see the same machine.
-    tries: dict[int, list[dict[str, Any]]] = {n: [] for n in sorted({1, session.default_threads})}
-    local_runs: list[dict[str, Any]] = []
-    for rep in range(cfg.repeats):
-        for n in tries:
-            session.log(f"{NAME}: plain single-process loop over the {big}x set, {n} torch thread(s), run {rep + 1}")
-            with torch_threads(n):  # the same videos as the pipeline run it is compared with
-                tries[n].append(plain_loop(session, session.manifest(big),
-                                           str(session.workdir / "stores" / f"plain-loop-{n}-{rep}")))
-        session.log(f"{NAME}: in-process executor over the {big}x set, torch's default threads, run {rep + 1}")
-        with torch_threads(session.default_threads):  # as in a fresh `subsume extract` process
-            local_runs.append(session.run_extract(session.manifest(big), str(session.workdir / "stores" /
-                                                                             f"local-{rep}"), executor="local"))
-    loops = {n: sorted(runs, key=lambda r: r["frames_per_s"])[len(runs) // 2] for n, runs in tries.items()}
-    plain = max(loops.values(), key=lambda r: r["frames_per_s"])
-    local = _local_figures(local_runs)
     auto = auto_choice(session.manifest(big))
 
     teacher, _ = session.teacher(cfg.extract_teacher)
@@ -213,7 +195,7 @@ def run(session: BenchSession, *, ray_free: bool = False) -> BenchResult:
     cli_e2e = of_plain_local if auto == "local" else of_plain_e2e
     value, target = (of_bound, GPU_TARGET) if on_gpu else (cli_e2e, CPU_TARGET)
     figures = {"device": str(session.device), "teacher": cfg.extract_teacher, "pipeline": pipeline,
-               "local": local, "auto_picks": auto,
+               "local": local, "auto_picks": auto, "ray_up_during_loop_and_local": ray_up,
                "plain_loop": plain, "plain_loop_by_threads": {str(n): r["frames_per_s"] for n, r in loops.items()},
                "stages_alone": stages, "of_plain_e2e_cli": sig(cli_e2e), "of_plain_e2e_local": sig(of_plain_local),
                "of_plain_e2e": sig(of_plain_e2e), "of_plain_steady": sig(of_plain), "of_bound": sig(of_bound)}
@@ -222,8 +204,9 @@ def run(session: BenchSession, *, ray_free: bool = False) -> BenchResult:
                f"{plain['e2e_frames_per_s']:.0f}; Ray pipeline {steady or 0:.0f} "
                f"steady ({frames / (wall + ray_start):.0f} end to end), bound {bound:.0f}")
     notes = [f"`auto` runs this job ({run_['videos_total']} videos) {'in process' if auto == 'local' else 'on Ray'} "
-             f"from a fresh shell; end to end over the plain loop: in process {of_plain_local}, Ray pipeline "
-             f"(its start included) {of_plain_e2e}"]
+             f"from a fresh shell; end to end over the plain loop: in process {sig(of_plain_local)}, Ray pipeline "
+             f"(its start included) {sig(of_plain_e2e)}" + ("; Ray was already up (an earlier benchmark) while the "
+             "loop and the in-process executor ran" if ray_up else "")]
     if steady is None:
         notes.append("no steady state: the largest run reported no teacher window")
     if not on_gpu and plain["frames_per_s"] > 0.95 * bound:
@@ -245,6 +228,34 @@ def run(session: BenchSession, *, ray_free: bool = False) -> BenchResult:
         notes.append(f"the pipeline reaches {of_bound:.0%} of its bound in the steady state (on a GPU the target "
                      f"would be {GPU_TARGET.threshold:.0%})")
     return BenchResult(NAME, value, target, summary, figures, notes)
+
+
+def _loop_and_local(session: BenchSession, big: int) -> tuple[dict[str, Any], dict[int, Any], dict[str, Any]]:
+    """The plain loop (each torch setting) and the in-process executor over the big set, interleaved
+    `repeats` times. Returns (the faster setting's median loop, the median loop by setting, the executor's)."""
+    cfg = session.cfg
+    # The baseline is the faster of the loop on one torch thread and on torch's default (all cores): on an idle
+    # machine the latter wins; when other work competes for the cores, a multi-threaded torch process slows
+    # down far more than a single-threaded one, and the pipeline's actors are single-threaded.
+    # Each setting runs `repeats` times (fresh stores, settings interleaved) and its median run counts: one
+    # few-second run moves by 20-30% with whatever else the machine does.
+    # The in-process executor (what `subsume extract` runs for a job this small when no cluster is addressed)
+    # is interleaved with the loop's runs: both see the same machine.
+    tries: dict[int, list[dict[str, Any]]] = {n: [] for n in sorted({1, session.default_threads})}
+    local_runs: list[dict[str, Any]] = []
+    for rep in range(cfg.repeats):
+        for n in tries:
+            session.log(f"{NAME}: plain single-process loop over the {big}x set, {n} torch thread(s), run {rep + 1}")
+            with torch_threads(n):  # the same videos as the pipeline run it is compared with
+                tries[n].append(plain_loop(session, session.manifest(big),
+                                           str(session.workdir / "stores" / f"plain-loop-{n}-{rep}")))
+        session.log(f"{NAME}: in-process executor over the {big}x set, torch's default threads, run {rep + 1}")
+        with torch_threads(session.default_threads):  # as in a fresh `subsume extract` process
+            local_runs.append(session.run_extract(session.manifest(big), str(session.workdir / "stores" /
+                                                                             f"local-{rep}"), executor="local"))
+    loops = {n: sorted(runs, key=lambda r: r["frames_per_s"])[len(runs) // 2] for n, runs in tries.items()}
+    plain = max(loops.values(), key=lambda r: r["frames_per_s"])
+    return plain, loops, _local_figures(local_runs)
 
 
 def _local_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -143,8 +143,10 @@ class BenchSession:
 
         from pipeline.extract import run_extract
 
-        self.ensure_ray()
-        ecfg = dataclasses.replace(self.extract_config(manifest, store), executor=executor)
+        on_ray = executor != "local"
+        if on_ray:
+            self.ensure_ray()
+        ecfg = dataclasses.replace(self.extract_config(manifest, store, pipeline=on_ray), executor=executor)
         gc.collect()
         time.sleep(1.0)  # let the previous run's actors exit before the idle figure is taken
         with TreeMemorySampler(self.cfg.rss_interval_s) as mem:

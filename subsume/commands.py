@@ -174,7 +174,9 @@ def _print_extract_report(r: dict[str, Any]) -> None:
           f"({r['samples_written']} new); shards {r['shards']} ({r['shards_written']} new, "
           f"{r['bytes_written'] / 1e6:.1f} MB)")
     steady = f", {r['steady_frames_per_s']:.1f} steady" if r.get("steady_frames_per_s") else ""
-    print(f"  wall {r['wall_s']:.1f} s, {r['frames_per_s'] or 0:.1f} frames/s end to end{steady}; per stage (busy): "
+    where = {"local": "in this process", "ray": "on Ray"}.get(r.get("executor", ""), "")
+    print(f"  wall {r['wall_s']:.1f} s {where}, {r['frames_per_s'] or 0:.1f} frames/s end to end{steady}; "
+          "per stage (busy): "
           + ", ".join(f"{k} {v:.1f} frames/s" for k, v in r["stage_frames_per_s"].items()))
 
 
