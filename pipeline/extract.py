@@ -310,6 +310,7 @@ def plan_run(cfg: ExtractConfig, store: FeatureStore, connect: Callable[[], None
     spec = resolve_feature_spec(cfg)
     say("listing", f"listing {cfg.videos}")
     listing = listing_table(cfg.videos, cfg.storage_options)
+    say.rows = listing.num_rows
     say("joining", f"listed {listing.num_rows} videos; joining them against KEY {spec.key}")
     snapshot = store.open(spec.key) if store.has_key(spec.key) else None
     failures = snapshot.failures if snapshot else FAILURES_SCHEMA.empty_table()
@@ -337,10 +338,11 @@ class StageLines:
     def __init__(self, enabled: bool):
         self.enabled, self.t0 = enabled, time.perf_counter()
         self.seconds: dict[str, float] = {}
+        self.rows = 0  # videos listed (known after listing): the steps' memory is released for a large listing
         self._step, self._since = "", self.t0
 
     def __call__(self, step: str, msg: str) -> None:
-        release_memory()  # a step's scratch goes back to the OS: the steps' peaks do not stack
+        release_memory(self.rows)  # a step's scratch goes back to the OS: the steps' peaks do not stack
         now = time.perf_counter()
         if self._step:
             self.seconds[f"{self._step}_s"] = round(now - self._since, 3)
