@@ -98,8 +98,10 @@ def _add_extract(sub) -> None:
     """`subsume extract`: decode, run the teacher once, write shards."""
     p = sub.add_parser("extract", help="decode videos, run the image teacher once, write shards to the store",
                        description="Decode videos, sample frames, run the image teacher in a Ray Data actor pool "
-                                   "and write per-frame embeddings with the frames to the feature store. Videos "
-                                   "already in the KEY are reused, failed ones are recorded and retried.")
+                                   "(or, for a small job with no cluster addressed, in this process: see "
+                                   "--executor) and write per-frame embeddings with the frames to the feature "
+                                   "store. Videos already in the KEY are reused, failed ones are recorded and "
+                                   "retried.")
     p.add_argument("--videos", required=True, metavar="SRC",
                    help="a folder (searched recursively), a glob, or a manifest (.txt one path a line; .csv or "
                         ".parquet with a 'path' column, optional 'video_id', other columns are labels)")
