@@ -36,14 +36,16 @@ def _weights(ckpt):
     return state["model"]
 
 
-def test_train_writes_metrics_checkpoints_and_an_exported_student(store_key, tmp_path):
+def test_train_writes_metrics_checkpoints_and_an_exported_student(store_key, tmp_path, capsys):
     root, key = store_key
     out = tmp_path / "run"
     res = run_train(tiny_cfg(), root, key, str(out))
     assert res["steps"] == 6 and res["loss_first"] is not None and res["loss_last"] is not None
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "cross", "frame", "lr", "samples_per_s", "data_wait_frac"} <= set(lines[-1])
+    capsys.readouterr()
     model = load_exported(os.path.join(res["checkpoint"], "student"))  # stands alone: no store, one call
+    assert capsys.readouterr().out == ""  # stdout carries the commands' JSON summaries
     assert model.student_config.image_size == S and model.sampling["segment_frames"] == small_spec().sampling.segment_frames
     assert model.embed(torch.zeros(1, 2, 40, 40, 3, dtype=torch.uint8)).shape == (1, model.embed_dim)
     assert json.loads((out / "summary.json").read_text())["steps"] == 6

@@ -11,6 +11,8 @@ Built on huggingface_hub's PyTorchModelHubMixin, so `model.push_to_hub(repo_id)`
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Any
 
 import torch
@@ -60,7 +62,11 @@ def export_student(student: nn.Module, cfg: StudentConfig, folder: str, *, sampl
 
 def load_exported(path: str, device: str | torch.device = "cpu") -> VideoStudent:
     """A saved student folder (or Hub repo id), weights loaded strictly."""
-    return VideoStudent.from_pretrained(path, strict=True).to(device).eval()
+    # huggingface_hub prints "Loading weights from local directory" on stdout, where our commands put their
+    # JSON summary: it goes to stderr instead
+    with contextlib.redirect_stdout(sys.stderr):
+        model = VideoStudent.from_pretrained(path, strict=True)
+    return model.to(device).eval()
 
 
 def push(folder: str, repo_id: str, *, private: bool = True, token: str | None = None) -> str:
