@@ -45,7 +45,9 @@ def test_two_workers_killed_after_an_epoch_wrap_resume_to_bitwise_the_same_weigh
                         in_process=False)
     assert (tmp_path / "b" / ".test-crash-done").exists()  # rank 0 really died once
     # The checkpoint the restart resumed from: each rank's own position, past an epoch wrap, not the same.
-    step3 = next(c for c in (tmp_path / "b" / "ray").glob("*/checkpoint_*") if _state(c)["step"] == 3)
+    # (Ray Train also writes a file checkpoint_manager_snapshot.json beside the checkpoint folders.)
+    saved = [c for c in (tmp_path / "b" / "ray").glob("*/checkpoint_*") if (c / "state.pt").is_file()]
+    step3 = next(c for c in saved if _state(c)["step"] == 3)
     positions = [_state(step3, rank_file(r))["position"] for r in (0, 1)]
     assert positions[0] != positions[1]
     assert max(e for p in positions for e, _ in p["streams"]) >= 1, positions
