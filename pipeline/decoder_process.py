@@ -58,6 +58,7 @@ class DecoderProcess:
         self._workdir: str | None = tempfile.mkdtemp(prefix="subsume-decoder-", dir=tmp_dir)
         self._process: Any = None
         self._conn: Any = None
+        self._ready = False  # the child said "ready" (its imports are done)
         self._lock = threading.Lock()
         self.restarts = 0  # children killed after a timeout, a crash or an abandoned stream
         self.child_peak_rss = 0
@@ -132,10 +133,29 @@ class DecoderProcess:
 
     # -- the child's life --------------------------------------------------------------------------------
 
+    def start(self) -> None:
+        """Launch the child now, without waiting for its imports (seconds of torch): they overlap the
+        caller's own start-up (a teacher's load), and the first request waits only for what is left."""
+        with self._lock:
+            if self._workdir is None:
+                raise RuntimeError("DecoderProcess is closed")
+            if self._process is None or not self._process.is_alive():
+                self._launch()
+
     def _ensure_started(self) -> None:
-        if self._process is not None and self._process.is_alive():
-            return
-        if self._process is not None:  # died between requests (killed from outside?)
+        if self._process is not None and not self._process.is_alive():  # died between requests (killed?)
+            self._restart()
+        if self._process is None:
+            self._launch()
+        if not self._ready:
+            # Wait for the child's imports, so that request timeouts measure decoding, not start-up.
+            if not self._conn.poll(STARTUP_TIMEOUT_S) or not _recv_ready(self._conn):
+                code = self._kill()
+                raise DecodeError("crashed", f"decoder process did not start (exit code {code})")
+            self._ready = True
+
+    def _launch(self) -> None:
+        if self._process is not None:
             self._restart()
         parent_conn, child_conn = self._ctx.Pipe()
         self._process = self._ctx.Process(target=_child_main, args=(child_conn, self._workdir, self.decode_fn),
@@ -148,11 +168,7 @@ class DecoderProcess:
             raise
         finally:
             child_conn.close()
-        self._conn = parent_conn
-        # Wait for the child's imports, so that request timeouts measure decoding, not start-up.
-        if not parent_conn.poll(STARTUP_TIMEOUT_S) or not _recv_ready(parent_conn):
-            code = self._kill()
-            raise DecodeError("crashed", f"decoder process did not start (exit code {code})")
+        self._conn, self._ready = parent_conn, False
 
     def _restart(self) -> int | None:
         self.restarts += 1
@@ -160,7 +176,7 @@ class DecoderProcess:
 
     def _kill(self) -> int | None:
         """SIGKILL the child, reap it, and clear what it left in the work folder (remote copies)."""
-        process, self._process = self._process, None
+        process, self._process, self._ready = self._process, None, False
         code = None
         if process is not None:
             if process.is_alive():
@@ -179,7 +195,8 @@ class DecoderProcess:
 
     def close(self) -> None:
         with self._lock:
-            if self._process is not None and self._process.is_alive() and self._conn is not None:
+            # a child still importing holds nothing yet: it is killed without waiting for its imports
+            if self._ready and self._process is not None and self._process.is_alive() and self._conn is not None:
                 with contextlib.suppress(OSError, BrokenPipeError):
                     self._conn.send(None)  # ask for a clean exit
                 self._process.join(5)

@@ -32,7 +32,7 @@ from pipeline.plan import Plan, index_for_shas, index_for_sources, join_known, m
 from pipeline.sources import hash_video, listing_table
 from pipeline.records import Failure
 from pipeline.results import WriterResult
-from pipeline.stages import DecodeStage, TeacherStage, WriteStage
+from pipeline.stages import DecodeStage, TeacherStage, WriteStage, decoder_process
 from pipeline.tally import Claims, CommitCadence, Tally, sha_prefixes
 from pipeline.visibility import WorkListRows, ensure_visible
 from pipeline.worklist import VIDEOS_PER_BLOCK, WorkList, work_blocks  # noqa: F401  (VIDEOS_PER_BLOCK: API)
@@ -277,17 +277,32 @@ def run_extract(cfg: ExtractConfig, connect: Callable[[], None] = lambda: None) 
     t_start = time.perf_counter()
     ray_link = _OnceConnect(connect)
     store = FeatureStore(cfg.store, cfg.storage_options)
-    planned = plan_run(cfg, store, ray_link)
-    base = {"store": cfg.store, "key": planned.key, "teacher": cfg.teacher.model, "videos_total": planned.inputs_total}
-    base["planning_s"] = planned.seconds
-    if cfg.dry_run:
-        return {**base, **dry_run_report(planned.plan)}
-    store.ensure_key(planned.spec)
-    run = ExtractionRun(cfg, store, planned)
-    run.execute(ray_link)
+    decoder = early_decoder(cfg)  # None unless this run may decode in this process
+    try:
+        planned = plan_run(cfg, store, ray_link)
+        base = {"store": cfg.store, "key": planned.key, "teacher": cfg.teacher.model,
+                "videos_total": planned.inputs_total, "planning_s": planned.seconds}
+        if cfg.dry_run:
+            return {**base, **dry_run_report(planned.plan)}
+        store.ensure_key(planned.spec)
+        run = ExtractionRun(cfg, store, planned, decoder)
+        run.execute(ray_link)
+    finally:
+        if decoder is not None:
+            decoder.close()
     summary = {**base, **run.report(time.perf_counter() - t_start, used_ray=ray_link.used)}
     summary["run_record"] = write_run(store, planned.key, run.run_id, summary)  # runs/<run_id>.json in the KEY
     return summary
+
+
+def early_decoder(cfg: ExtractConfig) -> Any:
+    """The decode stage's child process, started before planning when the run may decode in this process
+    (`--executor local`, or `auto` with no cluster in use): its imports (torch, ~2 s on a small CPU) then
+    overlap resolving the KEY and planning instead of delaying the first video. Closed unused if the run
+    turns out to need Ray or to have nothing to compute."""
+    if cfg.dry_run or cfg.executor == "ray" or (cfg.executor == "auto" and _ray_in_use()):
+        return None
+    return decoder_process(timeout_s=cfg.decode_timeout, limits=asdict(cfg.decode_limits))
 
 
 class _OnceConnect:
@@ -372,12 +387,16 @@ def known_contents(snapshot: Snapshot | None) -> Claims:
 class ExtractionRun:
     """One run that computes: holds the lease, streams the writers' results into commits, then reports."""
 
-    def __init__(self, cfg: ExtractConfig, store: FeatureStore, planned: Planned):
+    def __init__(self, cfg: ExtractConfig, store: FeatureStore, planned: Planned, decoder: Any = None):
         self.cfg, self.store, self.planned, self.plan = cfg, store, planned, planned.plan
         self.run_id = new_run_id()
         self.judged_by = judge_version()
         size = int(pc.sum(self.plan.work.column("size")).as_py() or 0) if self.plan.work.num_rows else 0
         self.executor = choose_executor(cfg.executor, self.plan.work.num_rows, size, ray_in_use=_ray_in_use())
+        if decoder is not None and (self.executor != "local" or not self.plan.work.num_rows):
+            decoder.close()  # started before planning in case; not needed (its memory goes back now)
+            decoder = None
+        self.decoder = decoder  # a decoder process started before planning, for the in-process executor
         self.tally = Tally(cfg.sampling.segment_frames, partial=self.plan.partial, retrying=self.plan.retrying,
                            claims=known_contents(planned.snapshot) if self.plan.work.num_rows else Claims())
         self.cadence = CommitCadence(lambda b: store.commit(planned.key, b), self._new_batch,
@@ -413,12 +432,13 @@ class ExtractionRun:
             yield WriterResult.from_row(row)
 
     def _local_results(self) -> Iterator[WriterResult]:
-        from pipeline.local import LocalStages, run_local
+        from pipeline.local import LocalStages, run_local, teacher_cpu_threads
 
-        cfg, spec = self.cfg, self.planned.spec
-        stages = LocalStages(decode_args(cfg, spec), teacher_args(cfg, spec, local_device(cfg.device), 0),
+        cfg, spec, device = self.cfg, self.planned.spec, local_device(self.cfg.device)
+        stages = LocalStages(decode_args(cfg, spec), teacher_args(cfg, spec, device, teacher_cpu_threads(device)),
                              writer_args(self.store, self.planned.key, self.run_id, spec),
-                             teacher_batch=teacher_batch(cfg, spec), shard_size=cfg.samples_per_shard)
+                             teacher_batch=teacher_batch(cfg, spec), shard_size=cfg.samples_per_shard,
+                             decoder=self.decoder)
         return run_local(self.plan.work, stages)
 
     def _take(self, r: WriterResult, progress: Progress) -> None:

@@ -8,11 +8,13 @@ Results come back as the same typed `WriterResult`s, and the driver commits them
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +38,7 @@ class LocalStages:
     teacher_batch: int
     shard_size: int
     queued: int = 64  # decoded segments waiting for the teacher at most (bounded memory)
+    decoder: Any = None  # a DecoderProcess started before planning (pipeline.stages.decoder_process), or None
 
 
 class _DecodeThread:
@@ -95,11 +98,31 @@ class _DecodeThread:
 TEACHER_THREADS = 2
 
 
+def teacher_cpu_threads(device: str) -> int:
+    """torch threads for a CPU teacher here: the process's cores shared among the concurrent teacher calls.
+    More would oversubscribe the cores (each call's OpenMP team spins while the other's works, and the
+    decoder child waits): on 2 cores, 1 thread each ran the 96-video extraction benchmark at 194-203
+    frames/s against 152-198 with torch's default (2 each), interleaved runs. 0 (unchanged) on a GPU."""
+    if device != "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // TEACHER_THREADS)
+
+
 def run_local(work: pa.Table, stages: LocalStages) -> Iterator[WriterResult]:
     """Decode -> teacher -> write over `work` (pipeline.plan.WORK_SCHEMA rows) in this process; yields each
     published shard and each failed video as the writer returns them."""
-    teacher = TeacherStage(**stages.teacher)  # loaded (and checked against the KEY) before any decoding starts
-    decode = _DecodeThread(work, DecodeStage(**stages.decode), stages.queued)
+    with _torch_threads_restored():  # the teacher sets its own (teacher_cpu_threads) for the run
+        decoder = DecodeStage(**stages.decode, proc=stages.decoder)  # its child imports while the teacher loads
+        try:
+            teacher = TeacherStage(**stages.teacher)  # loaded (and checked against the KEY) before any decoding
+        except BaseException:
+            decoder.proc.close()
+            raise
+        yield from _run(_DecodeThread(work, decoder, stages.queued), teacher, stages)
+
+
+def _run(decode: _DecodeThread, teacher: TeacherStage, stages: LocalStages) -> Iterator[WriterResult]:
     embedding = ThreadPoolExecutor(max_workers=TEACHER_THREADS, thread_name_prefix="subsume-teacher")
     shards = _Shards(stages)
     in_flight: deque[Future] = deque()
@@ -115,6 +138,17 @@ def run_local(work: pa.Table, stages: LocalStages) -> Iterator[WriterResult]:
         decode.close()
         embedding.shutdown(wait=True, cancel_futures=True)
         shards.close()
+
+
+@contextmanager
+def _torch_threads_restored() -> Iterator[None]:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Shards:

@@ -50,18 +50,16 @@ class DecodeStage:
 
     def __init__(self, sampling: dict, preprocess: dict, storage: dict, *, timeout_s: float,
                  storage_options: dict | None = None, decoder: str = "auto", limits: dict | None = None,
-                 decode_fn: Any = None):
-        from pipeline.decode import DecodeLimits
-        from pipeline.decoder_process import DecoderProcess
-
+                 decode_fn: Any = None, proc: Any = None):
+        """`proc`: a DecoderProcess made by `decoder_process` with the same settings and started earlier
+        (the in-process executor starts one before planning); by default the stage starts its own."""
         self.sampling = SamplingSpec(**sampling)
         self.preprocess = _preprocess(preprocess)
         self.storage = StorageSpec(**storage)
         self.storage_options = storage_options
         self.node = node_id()
-        extra = {"decode_fn": decode_fn} if decode_fn is not None else {}
-        self.limits = DecodeLimits(**(limits or {}))
-        self.proc = DecoderProcess(timeout_s=timeout_s, decoder=decoder, limits=self.limits, **extra)
+        self.proc = proc or decoder_process(timeout_s=timeout_s, decoder=decoder, limits=limits, decode_fn=decode_fn)
+        self.limits = self.proc.limits
         t, s = self.sampling.segment_frames, self.preprocess.crop
         self.shapes = {"frame_indices": ((t,), np.int64), "timestamps": ((t,), np.float64),
                        "frames": ((t, s, s, 3), np.uint8)}
@@ -92,6 +90,19 @@ class DecodeStage:
         proc = getattr(self, "proc", None)
         if proc is not None:
             proc.close()
+
+
+def decoder_process(*, timeout_s: float, decoder: str = "auto", limits: dict | None = None,
+                    decode_fn: Any = None) -> Any:
+    """The killable child process a DecodeStage decodes in, launched now: its imports (torch: seconds)
+    overlap whatever the caller does next (a teacher's load, planning) instead of delaying the first video."""
+    from pipeline.decode import DecodeLimits
+    from pipeline.decoder_process import DecoderProcess
+
+    extra = {"decode_fn": decode_fn} if decode_fn is not None else {}
+    proc = DecoderProcess(timeout_s=timeout_s, decoder=decoder, limits=DecodeLimits(**(limits or {})), **extra)
+    proc.start()
+    return proc
 
 
 def _WorkRow(batch: pa.Table | dict[str, np.ndarray], i: int) -> WorkRow:  # noqa: N802

@@ -72,12 +72,43 @@ def test_an_error_of_the_decode_thread_reaches_the_caller_after_the_rows_before_
 
 
 def test_a_teacher_that_is_not_the_keys_is_refused_before_anything_is_decoded(tiny_teacher):
+    import psutil
+    import torch
+
     from feature_store.spec import TeacherSpec
     from pipeline.local import LocalStages, run_local
     from pipeline.stages import TeacherMismatch
+    from tests.storehelpers import small_spec
 
+    spec = small_spec()
+    decode = dict(sampling=asdict(spec.sampling), preprocess=asdict(spec.preprocess), storage=asdict(spec.storage),
+                  timeout_s=60.0)
     teacher = dict(teacher=asdict(TeacherSpec(model=str(tiny_teacher))), size=None, device="cpu", precision="fp32",
-                   batch_size=8, storage={}, segment_frames=8, expect={"fingerprint": "not-this-one"})
-    stages = LocalStages(decode={}, teacher=teacher, write={}, teacher_batch=1, shard_size=4)
+                   batch_size=8, storage={}, segment_frames=8, cpu_threads=1, expect={"fingerprint": "not-this-one"})
+    stages = LocalStages(decode=decode, teacher=teacher, write={}, teacher_batch=1, shard_size=4)
+    threads = torch.get_num_threads()
     with pytest.raises(TeacherMismatch, match="not the KEY's teacher"):
-        next(run_local(_work(1), stages))
+        next(run_local(_work(1), stages))  # /v/0.mp4 does not exist: decoding it would fail otherwise
+    # the decoder child started while the teacher loaded is gone, and the caller's torch threads are back
+    children = [p for p in psutil.Process().children() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not [p for p in children if "spawn_main" in " ".join(p.cmdline())]  # (not multiprocessing's tracker)
+    assert torch.get_num_threads() == threads
+
+
+def test_the_decoder_starts_before_planning_only_when_the_run_may_decode_in_process(monkeypatch):
+    from dataclasses import replace
+
+    from feature_store.spec import TeacherSpec
+    from pipeline.extract import ExtractConfig, early_decoder
+
+    cfg = ExtractConfig(videos="videos.csv", store="store", teacher=TeacherSpec(model="teacher"))
+    assert early_decoder(replace(cfg, dry_run=True)) is None
+    assert early_decoder(replace(cfg, executor="ray")) is None
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster is addressed: auto will run on Ray
+    assert early_decoder(replace(cfg, executor="auto")) is None
+    proc = early_decoder(replace(cfg, executor="local", decode_timeout=7.0))
+    try:
+        assert proc.pid is not None and proc.timeout_s == 7.0 and proc.limits == cfg.decode_limits
+    finally:
+        proc.close()
+    assert proc.pid is None
