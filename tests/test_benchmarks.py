@@ -224,6 +224,19 @@ def test_extraction_end_to_end_note_says_where_the_time_went():
     assert "20.0 s run" in note and "4.0 s starting Ray" in note and "5.0 s lie outside" in note and "0.1 s" in note
 
 
+def test_fresh_process_figures_take_each_sides_median_and_refuse_unequal_work():
+    from benchmarks.extraction import _fresh_figures
+
+    cli = [{"frames": 4608, "e2e_frames_per_s": r, "executor": "local"} for r in (150.0, 170.0, 160.0)]
+    loop = [{"frames": 4608, "e2e_frames_per_s": r} for r in (140.0, 120.0, 200.0)]
+    out = _fresh_figures({"cli": cli, "loop": loop})
+    assert out["cli"]["e2e_frames_per_s"] == 160.0 and out["loop"]["e2e_frames_per_s"] == 140.0
+    assert out["loop"]["e2e_frames_per_s_runs"] == [140.0, 120.0, 200.0]
+    assert math.isclose(out["of_loop"], 160 / 140, rel_tol=1e-3)
+    with pytest.raises(RuntimeError, match="different frame counts"):
+        _fresh_figures({"cli": cli, "loop": [{**loop[0], "frames": 4600}]})
+
+
 def test_centred_cosine_tells_float16_from_a_channel_mix_up():
     import torch
 
