@@ -101,8 +101,8 @@ TEACHER_THREADS = 2
 def teacher_cpu_threads(device: str) -> int:
     """torch threads for a CPU teacher here: the process's cores shared among the concurrent teacher calls.
     More would oversubscribe the cores (each call's OpenMP team spins while the other's works, and the
-    decoder child waits): on 2 cores, 1 thread each ran the 96-video extraction benchmark at 194-203
-    frames/s against 152-198 with torch's default (2 each), interleaved runs. 0 (unchanged) on a GPU."""
+    decoder child waits): on 2 cores, over the extraction benchmark's 96 videos in interleaved warm runs (a
+    throwaway script), 1 thread each gave 194-203 frames/s, torch's default (2 each) 152-198. 0 on a GPU."""
     if device != "cpu":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
