@@ -27,15 +27,20 @@ from tests.train_hooks import Recorder
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 STEPS = 30  # warm-up is 5 steps; the cosine schedule then runs to the end (lr stays above 5% of its peak)
-EXTRACT = ["--fps", "12", "--segment-frames", "8", "--samples-per-shard", "6", "--json", "--quiet"]
+WARMUP = 5
+# In process: its teacher batches (and so the float32 reduction order behind each stored float16 target) are
+# the same every run. Under Ray they depend on scheduling, and this chaotic 30-step training amplified that
+# into run-to-run failures of the weight and loss checks below (CI, 2026-12-01).
+EXTRACT = ["--fps", "12", "--segment-frames", "8", "--samples-per-shard", "6", "--executor", "local", "--json",
+           "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def extracted(sample_videos, tiny_teacher, ray_address, tmp_path_factory):
+def extracted(sample_videos, tiny_teacher, tmp_path_factory):
     """12 real H.264 videos through the real extractor: 36 samples of 8 frames, float16 targets."""
     store = tmp_path_factory.mktemp("store")
     _, out, _ = run_cli(["extract", "--videos", str(sample_videos), "--teacher", str(tiny_teacher), "--store",
-                         str(store), *EXTRACT], ray_address)
+                         str(store), *EXTRACT])
     assert out["videos_ok"] == 12 and out["samples"] == 36
     return str(store), out["key"]
 
@@ -80,9 +85,9 @@ def _train(root: str, key: str, out, *, targets: str = "cached", teacher: str | 
                       teacher=teacher, report_to=[],
                       student=StudentConfig(frames=4, image_size=32),  # the KEY's crop: the teacher's own pixels
                       data=DataConfig(batch_size=4, shuffle_buffer=8, heldout_fraction=0.0),
-                      loader=LoaderConfig(num_workers=0), optim=OptimConfig(lr=1e-3, warmup_steps=5))
+                      loader=LoaderConfig(num_workers=0), optim=OptimConfig(lr=1e-3, warmup_steps=WARMUP))
     cfg, src, _ = prepare_run(cfg, root, key, str(out), {})
-    rec = Recorder(steps=(1,))
+    rec = Recorder(steps=(1,), weights_at=(WARMUP,))
     rec.summary = train_worker(cfg, src, WorkerEnv(prepare=rec.prepare, callbacks=[rec]), log=lambda m: None)
     if wrap is not None:
         monkeypatch.undo()
@@ -125,10 +130,15 @@ def _report(name: str, gaps: dict[str, float]) -> None:
 
 
 def test_runs_really_trained_past_warm_up(runs):
+    """The optimiser kept moving the weights after the warm-up, further than during it: the comparisons below
+    are over 25 steps of real training. (Not "the loss fell": at batch 4 over 30 steps its trend is inside its
+    noise, slope t = -1.5 to -2.1 in two runs, and one CI run's last five losses summed above its first five.)"""
     r = runs["online"]
-    losses = r.summary["loss_history"]
-    assert len(losses) == STEPS and sum(losses[-5:]) < sum(losses[:5])  # it learned, well past the warm-up
-    assert (_flat(r.weights()) - _flat(r.initial)).norm() > 0 and _flat(r.grads[1]).norm() > 0
+    assert len(r.summary["loss_history"]) == STEPS
+    in_warm_up = (_flat(r.weights_at[WARMUP]) - _flat(r.initial)).norm()
+    after_it = (_flat(r.weights()) - _flat(r.weights_at[WARMUP])).norm()
+    print(f"\nweights moved {in_warm_up:.3g} in the warm-up, {after_it:.3g} after it")
+    assert after_it > in_warm_up > 0 and _flat(r.grads[1]).norm() > 0
 
 
 def test_step_one_gradients_agree_to_float16_storage(runs):

@@ -46,10 +46,11 @@ class Recorder(TrainCallback):
     callbacks=[rec])`: keeps the module the loop trains, and copies its gradients (as the optimiser used
     them: after clipping) at the end of the steps named. Weights are read from `module` after the run."""
 
-    def __init__(self, steps: tuple[int, ...] = (1,)):
-        self.steps = set(steps)
+    def __init__(self, steps: tuple[int, ...] = (1,), weights_at: tuple[int, ...] = ()):
+        self.steps, self.weight_steps = set(steps), set(weights_at)
         self.module = None
         self.grads: dict[int, dict[str, "torch.Tensor"]] = {}
+        self.weights_at: dict[int, dict[str, "torch.Tensor"]] = {}  # copies at the end of the steps named
         self.initial: dict[str, "torch.Tensor"] = {}
 
     def prepare(self, module):
@@ -61,6 +62,8 @@ class Recorder(TrainCallback):
         if step in self.steps:
             self.grads[step] = {n: p.grad.detach().clone() for n, p in self.module.named_parameters()
                                 if p.grad is not None}
+        if step in self.weight_steps:
+            self.weights_at[step] = self.weights()
 
     def weights(self) -> dict[str, "torch.Tensor"]:
         return {n: p.detach().clone() for n, p in self.module.named_parameters()}
