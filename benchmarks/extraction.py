@@ -207,7 +207,7 @@ def run(session: BenchSession, *, ray_free: bool = False) -> BenchResult:
     # the loop and the in-process executor first, before this benchmark starts Ray: a user's fresh shell has no
     # Ray processes competing for the cores (an earlier benchmark of the same run may have started them)
     ray_up = session.ray_start_s is not None
-    plain, loops, local, fresh = _loop_and_local(session, big)
+    plain, loops, local, fresh = _side_by_side(session, big)
     runs = {s: session.extract(s) for s in sorted(cfg.scales)}
     run_ = runs[big]
     b = run_["bench"]
@@ -245,7 +245,7 @@ def run(session: BenchSession, *, ray_free: bool = False) -> BenchResult:
     # a plain loop script run the same way: each a fresh process timed from start to exit.
     value, target = (of_bound, GPU_TARGET) if on_gpu else (fresh["of_loop"], CPU_TARGET)
     figures = {"device": str(session.device), "teacher": cfg.extract_teacher, "fresh_processes": fresh,
-               "pipeline": pipeline, "local": local, "ray_up_during_loop_and_local": ray_up,
+               "pipeline": pipeline, "local": local, "ray_up_during_side_by_side": ray_up,
                "plain_loop": plain, "plain_loop_by_threads": {str(n): r["frames_per_s"] for n, r in loops.items()},
                "stages_alone": stages, "of_plain_fresh": fresh["of_loop"], "of_plain_e2e_local": sig(of_plain_local),
                "of_plain_e2e": sig(of_plain_e2e), "of_plain_steady": sig(of_plain), "of_bound": sig(of_bound)}
@@ -282,7 +282,7 @@ def run(session: BenchSession, *, ray_free: bool = False) -> BenchResult:
     return BenchResult(NAME, value, target, summary, figures, notes)
 
 
-def _loop_and_local(session: BenchSession, big: int) -> tuple[dict[str, Any], dict[int, Any], dict[str, Any],
+def _side_by_side(session: BenchSession, big: int) -> tuple[dict[str, Any], dict[int, Any], dict[str, Any],
                                                               dict[str, Any]]:
     """The plain loop (each torch setting) and the in-process executor over the big set in this process, and
     `subsume extract` and the loop each in a fresh process, all interleaved `repeats` times. Returns (the
