@@ -245,7 +245,7 @@ def run(session: BenchSession, *, ray_free: bool = False) -> BenchResult:
     # a plain loop script run the same way: each a fresh process timed from start to exit.
     value, target = (of_bound, GPU_TARGET) if on_gpu else (fresh["of_loop"], CPU_TARGET)
     figures = {"device": str(session.device), "teacher": cfg.extract_teacher, "fresh_processes": fresh,
-               "pipeline": pipeline, "local": local, "ray_up_during_side_by_side": ray_up,
+               "pipeline": pipeline, "local": local, "ray_up_during_loop_and_local": ray_up,
                "plain_loop": plain, "plain_loop_by_threads": {str(n): r["frames_per_s"] for n, r in loops.items()},
                "stages_alone": stages, "of_plain_fresh": fresh["of_loop"], "of_plain_e2e_local": sig(of_plain_local),
                "of_plain_e2e": sig(of_plain_e2e), "of_plain_steady": sig(of_plain), "of_bound": sig(of_bound)}
